@@ -1,0 +1,981 @@
+"""Shared library of the two CIFAR-10 training scripts.
+
+A script (using-simple-CNN.py, using-pretrained-resnet.py) holds only its model and its
+recipe; everything else lives here, in data-flow order: constants, errors and signals,
+command line, device and precision, distributed set-up, data, augmentation, train and
+evaluate, checkpoints and metrics, and `run()`, the driver both scripts call.
+
+The whole dataset is decoded once into a uint8 tensor on the training device and
+augmented there in whole batches: no per-image Python work and no DataLoader workers in
+the hot path.
+"""
+
+import argparse
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Constants
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")  # torchvision's label order
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
+
+# -----------------------------------------------------------------------------
+# Errors and signals
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite: reported as one line, exit status 1."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; training stops between two steps."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag that the loops check between steps.
+
+    Stopping between steps (never inside one) keeps model and optimizer consistent,
+    so the checkpoint written on the way out resumes exactly.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def check(self, device):
+        """Raise Interrupted if any rank was signalled (all ranks stop at the same step)."""
+        signum = self.signum
+        if dist.is_initialized():  # every rank must leave the loop at the same step
+            flag = torch.tensor([signum], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
+            raise Interrupted(signum)
+
+
+def fail_cleanly(main):
+    """Call main(argv) and turn the user-facing exceptions into one line and an exit code."""
+    try:
+        return main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def make_parser(description, *, epochs, batch_size, lr):
+    """The flags both scripts share; each script passes its own defaults and adds its flags."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--data-dir", default="./data", metavar="DIR",
+        help="CIFAR-10 location: torchvision's cifar-10-batches-py, or train/<class>/ and "
+             "test/<class>/ image folders; downloaded here if neither (default: %(default)s)")
+    add("--epochs", type=positive_int, default=epochs,
+        help="passes over the training set; the learning-rate schedule spans all of them "
+             "(default: %(default)s)")
+    add("--batch-size", type=positive_int, default=batch_size,
+        help="images per optimizer step, summed over all processes under torchrun "
+             "(default: %(default)s)")
+    add("--lr", type=positive_float, default=lr, help="peak learning rate (default: %(default)s)")
+    add("--seed", type=int, default=0,
+        help="seed for initialisation, data order and augmentation (default: %(default)s)")
+    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+        help="where to train; auto picks CUDA, then Apple MPS, then the CPU (default: %(default)s)")
+    add("--no-amp", action="store_true",
+        help="train in float32; by default bf16 autocast is used where the device has it, "
+             "else fp16 with a grad scaler on GPUs (default: off)")
+    add("--compile", action="store_true",
+        help="torch.compile the model: slower start, faster steps on GPUs (default: off)")
+    add("--subset", type=positive_int, default=None, metavar="N",
+        help="use only N training and at most N test images, for quick runs (default: all)")
+    add("--out", default=None, metavar="DIR",
+        help="where checkpoint.pt and metrics.json go (default: runs/<script>-<timestamp>, "
+             "or the resumed checkpoint's directory with --resume)")
+    add("--overwrite", action="store_true",
+        help="allow --out to be the directory of an earlier finished run (default: off)")
+    add("--resume", default=None, metavar="CKPT",
+        help="continue the run saved in CKPT exactly where it stopped (default: none)")
+    add("--stop-after", type=positive_int, default=None, metavar="K",
+        help="end cleanly after epoch K of the planned --epochs, to continue later with "
+             "--resume (default: run all epochs)")
+    add("--checkpoint", default=None, metavar="CKPT",
+        help="a trained checkpoint, for --eval-only and --predict (default: none)")
+    add("--eval-only", action="store_true",
+        help="with --checkpoint: evaluate on the test split, write metrics, no training "
+             "(default: off)")
+    add("--predict", nargs="+", default=None, metavar="IMAGE",
+        help="with --checkpoint: print each image's top classes with probabilities; any "
+             "size is resized to 32x32 (default: none)")
+    return parser
+
+
+def check_args(args):
+    """Cross-flag checks that argparse cannot express; each failure is one line."""
+    if (args.eval_only or args.predict) and not args.checkpoint:
+        flag = "--eval-only" if args.eval_only else "--predict"
+        raise UserError(f"{flag} needs --checkpoint CKPT (a checkpoint.pt written by a training run)")
+    if args.checkpoint and not (args.eval_only or args.predict):
+        raise UserError("--checkpoint is for --eval-only or --predict; to continue training use --resume")
+    if args.resume and (args.eval_only or args.predict):
+        raise UserError("--resume continues training; use --checkpoint with --eval-only or --predict")
+    if args.stop_after is not None and args.stop_after > args.epochs:
+        raise UserError(f"--stop-after {args.stop_after} is beyond --epochs {args.epochs}")
+
+# -----------------------------------------------------------------------------
+# Device and precision
+
+
+def pick_device(name):
+    """torch.device for --device; a device that is not there is one clear error."""
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here (try --device cpu)")
+    if name == "mps" and not has_mps:
+        raise UserError("--device mps: Apple MPS is not available here (try --device cpu)")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def pick_amp_dtype(device, enabled):
+    """The autocast dtype for a device, or None for float32.
+
+    bf16 needs no loss scaling, so it is preferred where the hardware runs it fast. On a
+    CPU without native bf16 (e.g. AVX2 only) bf16 is emulated and far slower than float32.
+    """
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+class Precision:
+    """Autocast context and grad scaler for one device, decided once."""
+
+    def __init__(self, device, enabled):
+        self.dtype = pick_amp_dtype(device, enabled)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    @property
+    def name(self):
+        return {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+# -----------------------------------------------------------------------------
+# Distributed (torchrun)
+
+
+def init_distributed(device):
+    """Join the torchrun process group if launched by torchrun; returns (rank, world_size)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(*parts):
+    if is_main_process():
+        print(*parts, flush=True)
+
+
+def shard(n, rank, world_size):
+    """The rows [start, end) of n that a rank owns; the last shards may be one shorter."""
+    per_rank = -(-n // world_size)
+    return min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
+
+
+def gather_rows(local, n):
+    """Concatenate every rank's `local` rows (from shard()) into the full n rows, on all ranks."""
+    if not dist.is_initialized():
+        return local
+    per_rank = -(-n // dist.get_world_size())
+    padded = local.new_zeros((per_rank,) + tuple(local.shape[1:]))
+    padded[:len(local)] = local
+    gathered = local.new_empty((per_rank * dist.get_world_size(),) + tuple(local.shape[1:]))
+    dist.all_gather_into_tensor(gathered, padded)
+    return gathered[:n]
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_cifar10(data_dir):
+    """Both splits as uint8 NHWC tensors and int64 labels, from whichever layout DIR holds.
+
+    Returns dict(train_images, train_labels, test_images, test_labels, source).
+    """
+    root = Path(data_dir)
+    if root.name == "cifar-10-batches-py":  # the user pointed at the archive's folder itself
+        root = root.parent
+    if (root / "cifar-10-batches-py").is_dir():
+        return _read_torchvision(root, download=False)
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return _read_image_folders(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-dir {data_dir} is a file, not a directory")
+    return _read_torchvision(root, download=True)
+
+
+def _read_torchvision(root, download):
+    import torchvision  # imported here: only this layout needs it at load time
+    try:
+        splits = {train: torchvision.datasets.CIFAR10(str(root), train=train, download=download)
+                  for train in (True, False)}
+    except Exception as error:  # offline, a broken archive, a failed checksum, ...
+        what = "could not download CIFAR-10" if download else \
+            f"{root / 'cifar-10-batches-py'} is incomplete or corrupted"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"{what} ({reason}). Put the extracted cifar-10-batches-py folder of "
+            f"cifar-10-python.tar.gz in {root}, or class folders {root}/train/<class>/ and "
+            f"{root}/test/<class>/") from None
+    data = {"source": "torchvision"}
+    for train, split in splits.items():
+        name = "train" if train else "test"
+        data[f"{name}_images"] = torch.from_numpy(np.ascontiguousarray(split.data))
+        data[f"{name}_labels"] = torch.tensor(split.targets, dtype=torch.int64)
+    return data
+
+
+def _read_image_folders(root):
+    data = {"source": "image-folders"}
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            raise UserError(f"{root} has no {split}/ folder: expected {root}/{split}/<class>/ images")
+        found = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        missing, extra = sorted(set(CLASSES) - found), sorted(found - set(CLASSES))
+        if missing or extra:
+            raise UserError(f"{folder} must hold exactly the 10 CIFAR-10 class folders"
+                            + (f"; missing: {', '.join(missing)}" if missing else "")
+                            + (f"; unexpected: {', '.join(extra)}" if extra else ""))
+        files, labels = [], []
+        for label, name in enumerate(CLASSES):
+            paths = sorted(p for p in (folder / name).iterdir()
+                           if p.is_file() and not p.name.startswith("."))
+            files += paths
+            labels += [label] * len(paths)
+        if not files:
+            raise UserError(f"{folder} has class folders but no images")
+        with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decoding releases the GIL
+            images = list(pool.map(_read_32x32_image, files, chunksize=256))
+        data[f"{split}_images"] = torch.from_numpy(np.stack(images))
+        data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
+    return data
+
+
+def read_image(path):
+    """An RGB image file as an HxWx3 uint8 array; anything else is one clear error."""
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not an image file")
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"{path} is not a readable image ({type(error).__name__})") from None
+
+
+def _read_32x32_image(path):
+    # Refused rather than resized: a training image of another size means the folder is
+    # not CIFAR-10, and silently resizing would hide that.
+    image = read_image(path)
+    if image.shape[:2] != (32, 32):
+        raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels; CIFAR-10 images "
+                        f"are 32x32 (resize your images first)")
+    return image
+
+
+def take_subset(data, n):
+    """At most n images of each split, the same ones on every run (independent of --seed)."""
+    if n is None:
+        return data
+    n_train = len(data["train_labels"])
+    if n > n_train:
+        raise UserError(f"--subset {n} is larger than the {n_train} training images")
+    data = dict(data)
+    for split in ("train", "test"):
+        count = len(data[f"{split}_labels"])
+        keep = torch.randperm(count, generator=torch.Generator().manual_seed(0))[:n].sort().values
+        data[f"{split}_images"] = data[f"{split}_images"][keep]
+        data[f"{split}_labels"] = data[f"{split}_labels"][keep]
+    return data
+
+
+def to_float(images_uint8, mean, std):
+    """uint8 NHWC batch -> normalised float NCHW in channels_last (a free view of NHWC)."""
+    x = images_uint8.permute(0, 3, 1, 2).float()
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+# -----------------------------------------------------------------------------
+# Augmentation: random translation with reflection and horizontal flips, in batches
+
+
+class EpochPlan:
+    """One epoch's data order and per-image augmentation, drawn from a CPU generator.
+
+    Drawing everything at the start of the epoch from one generator makes an epoch
+    reproducible from the generator's state alone, which is what exact resume needs.
+    """
+
+    def __init__(self, n, generator, translate, flip, epoch, flip_seed):
+        self.order = torch.randperm(n, generator=generator)
+        self.shifts = torch.randint(-translate, translate + 1, (n, 2), generator=generator)
+        if flip == "random":
+            self.flips = torch.rand(n, generator=generator) < 0.5
+        elif flip == "alternate":
+            # Each image is flipped in every other epoch, from a random start: over two
+            # epochs the network sees both views of every image, instead of a 25% chance
+            # of seeing only one of them with independent coin flips.
+            start = torch.rand(n, generator=torch.Generator().manual_seed(flip_seed)) < 0.5
+            self.flips = start ^ bool(epoch % 2)
+        else:
+            self.flips = torch.zeros(n, dtype=torch.bool)
+
+
+def crop_flip(images, shifts, flips):
+    """Translate each NHWC image by (dy, dx), reflecting at the border, and mirror some.
+
+    One gather does both: the source row and column of every output pixel are computed
+    from the shift, reflected back inside the image, and reversed for flipped images.
+    """
+    n, height, width, _ = images.shape
+    rows = shifts[:, :1] + torch.arange(height, device=images.device)  # (n, H)
+    cols = shifts[:, 1:] + torch.arange(width, device=images.device)   # (n, W)
+    rows = (height - 1) - ((height - 1) - rows.abs()).abs()  # reflect at both edges
+    cols = (width - 1) - ((width - 1) - cols.abs()).abs()
+    cols = torch.where(flips[:, None], (width - 1) - cols, cols)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return images[batch, rows[:, :, None], cols[:, None, :]]
+
+# -----------------------------------------------------------------------------
+# Train and evaluate
+
+
+class Recipe:
+    """What a script supplies. Defaults suit a plain image classifier; scripts override.
+
+    name: identifies the script's checkpoints. mean/std: input normalisation.
+    translate/flip: augmentation (pixels of shift; "random", "alternate" or "none").
+    """
+
+    name = "model"
+    script = "train.py"
+    architecture_flags = ()  # flags that shape the model: read back from checkpoints
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
+    translate, flip = 4, "random"
+
+    def __init__(self, args):
+        self.args = args
+
+    def check_args(self):
+        """The script's own flag checks; raise UserError."""
+
+    def build_model(self, train_images=None):
+        raise NotImplementedError
+
+    def build_optimizer(self, model, total_steps):
+        """Returns (optimizer, scheduler stepped once per batch)."""
+        raise NotImplementedError
+
+    def loss(self, logits, labels):
+        return F.cross_entropy(logits, labels)
+
+    def prepare(self, images_uint8):
+        """A uint8 NHWC batch on the device -> the model's float input."""
+        return to_float(images_uint8, self.mean, self.std)
+
+    def set_train_mode(self, model):
+        model.train()
+
+    def on_epoch_start(self, model, epoch):
+        """Hook for per-epoch changes (e.g. freezing a layer after a few epochs)."""
+
+    def after_step(self, model, step, total_steps):
+        """Hook after each optimizer step (e.g. weight averaging)."""
+
+    def finish_training(self, model):
+        """Hook after the last step (e.g. copy averaged weights into the model)."""
+
+    def extra_state(self):
+        """State of the hooks above, saved in checkpoints (tensors and primitives only)."""
+        return {}
+
+    def load_extra_state(self, state):
+        pass
+
+    def predict_logits(self, model, inputs):
+        """Logits for evaluation and --predict; override for test-time augmentation."""
+        return model(inputs)
+
+    def final_predict_logits(self, model, inputs):
+        """Logits for the final evaluation of a run (default: same as every epoch)."""
+        return self.predict_logits(model, inputs)
+
+
+def train_one_epoch(trainer, stop, progress):
+    """Train the rest of the current epoch, following trainer.plan; returns its statistics.
+
+    The running sums live on the trainer, so an epoch interrupted mid-way is saved and
+    resumed with the same statistics it would have had uninterrupted.
+    """
+    t, recipe = trainer, trainer.recipe
+    recipe.set_train_mode(t.model)
+    local_batch = t.batch_size // t.world_size
+    read_every = 1 if t.device.type == "cpu" else 25  # reading the loss syncs a GPU
+    for step in range(t.step_in_epoch, t.steps_per_epoch):
+        started = time.perf_counter()
+        idx = t.plan.order[step * t.batch_size:(step + 1) * t.batch_size]
+        idx = idx[t.rank * local_batch:(t.rank + 1) * local_batch]  # this rank's share
+        inputs, labels = t.batch_inputs(idx), t.train_labels[idx]
+        with t.precision.autocast():
+            logits = t.train_model(inputs)
+            loss = recipe.loss(logits, labels)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.precision.scaler.scale(loss).backward()
+        t.precision.scaler.step(t.optimizer)
+        t.precision.scaler.update()
+        t.scheduler.step()
+        t.global_step += 1
+        recipe.after_step(t.model, t.global_step, t.total_steps)
+        t.sums["loss"] += loss.detach().float() * len(idx)
+        t.sums["correct"] += (logits.detach().argmax(1) == labels).sum()
+        t.sums["count"] += len(idx)
+        if (step + 1) % read_every == 0 or step + 1 == t.steps_per_epoch:
+            t.check_finite(step)
+            progress.set_postfix(loss=f"{t.sums['loss'].item() / t.sums['count']:.3f}", refresh=False)
+        progress.update(1)
+        t.sums["seconds"] += time.perf_counter() - started
+        t.step_in_epoch = step + 1
+        stop.check(t.device)
+    return t.epoch_stats()
+
+
+@torch.no_grad()
+def evaluate(recipe, model, images, labels, device, precision, logits_fn=None, batch_size=500):
+    """Accuracy, mean loss and confusion matrix, sharded across ranks and summed exactly."""
+    logits_fn = logits_fn or recipe.predict_logits
+    model.eval()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    start, end = shard(len(labels), rank, world_size)
+    confusion = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(start, end, batch_size):
+        batch_labels = labels[i:min(i + batch_size, end)]
+        inputs = images[i:min(i + batch_size, end)]
+        with precision.autocast():
+            logits = logits_fn(model, recipe.prepare(inputs) if inputs.dtype == torch.uint8 else inputs)
+        loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum").double()
+        confusion.view(-1).index_add_(0, batch_labels * len(CLASSES) + logits.argmax(1),
+                                      torch.ones_like(batch_labels))
+    if dist.is_initialized():
+        dist.all_reduce(confusion)
+        dist.all_reduce(loss_sum)
+    confusion = confusion.cpu()
+    total = int(confusion.sum())
+    per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
+    return {
+        "test_accuracy": float(confusion.diag().sum()) / max(total, 1),
+        "test_loss": float(loss_sum) / max(total, 1),
+        "per_class_accuracy": {name: float(acc) for name, acc in zip(CLASSES, per_class)},
+        "confusion_matrix": confusion.tolist(),
+    }
+
+# -----------------------------------------------------------------------------
+# Checkpoints and metrics
+
+
+def load_checkpoint_file(path, what="checkpoint"):
+    """torch.load with weights_only=True: a file that would run code is refused unread."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise UserError(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise UserError(f"{what} {path} holds Python objects that loading would have to "
+                            f"execute; refused as unsafe (only tensors and plain data are "
+                            f"accepted)") from None
+        raise UserError(f"{what} {path} is not a PyTorch checkpoint file (unreadable pickle)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
+        raise UserError(f"{what} {path} is not a PyTorch checkpoint file (truncated or "
+                        f"another format)") from None
+
+
+def load_checkpoint(path, script_name):
+    """A checkpoint written by this same script, checked before anything uses it."""
+    checkpoint = load_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "script" not in checkpoint:
+        raise UserError(f"{path} is a PyTorch file but not a checkpoint of these scripts "
+                        f"(expected a dict with 'script', 'model', 'epoch', 'args')")
+    if checkpoint["script"] != script_name:
+        raise UserError(f"{path} is a checkpoint of the {checkpoint['script']} model; "
+                        f"this script trains {script_name}")
+    return checkpoint
+
+
+def load_model_state(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise UserError(f"{path} holds another architecture than this model ({first})") from None
+
+
+def save_atomically(obj, path, writer):
+    """Write to a temporary file in the same directory, then rename: a kill at any moment
+    leaves either the old complete file or the new complete file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_json(obj, path):
+    def write(o, p):
+        with open(p, "w") as f:
+            json.dump(o, f, indent=2)
+            f.write("\n")
+    save_atomically(obj, path, write)
+
+
+def plain_args(args):
+    """vars(args) with only JSON/pickle-safe primitives, for checkpoints and metrics."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def prepare_out_dir(args, script_name):
+    """Decide --out and refuse to clobber an earlier run. Creates nothing yet."""
+    if args.out is None:
+        if args.resume:
+            return Path(args.resume).parent
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{script_name}-{stamp}"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    earlier = [name for name in ("checkpoint.pt", "metrics.json") if (out / name).exists()]
+    resuming_here = args.resume and Path(args.resume).resolve().parent == out.resolve()
+    if earlier and not (resuming_here or args.overwrite):
+        raise UserError(f"--out {out} already holds an earlier run ({', '.join(earlier)}); "
+                        f"pass --overwrite to replace it, or --resume {out / 'checkpoint.pt'}")
+    return out
+
+# -----------------------------------------------------------------------------
+# The trainer: one run's state, and how it is saved and restored
+
+
+def bare_model(model):
+    """The model without DDP's `module.` or torch.compile's `_orig_mod.` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class Trainer:
+    """One training run: model, optimizer, data, progress, and the checkpoint of them.
+
+    The epoch loop (fit) and step loop (train_one_epoch) read and update this state;
+    state_dict()/load_state_dict() capture all of it, so a resumed run continues exactly.
+    """
+
+    def __init__(self, args, recipe, model, data, device, precision, out):
+        self.args, self.recipe, self.model = args, recipe, model
+        self.device, self.precision, self.out = device, precision, out
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) \
+            if dist.is_initialized() else (0, 1)
+        n = len(data["train_labels"])
+        self.batch_size = min(args.batch_size, n - n % self.world_size)
+        if self.batch_size % self.world_size:
+            raise UserError(f"--batch-size {args.batch_size} must be a multiple of the "
+                            f"{self.world_size} torchrun processes")
+        self.steps_per_epoch = n // self.batch_size  # the last partial batch is dropped
+        self.total_steps = self.steps_per_epoch * args.epochs
+        self.train_images = data["train_images"].to(device)
+        self.train_labels = data["train_labels"].to(device)
+        self.test_inputs = data["test_images"].to(device)
+        self.test_labels = data["test_labels"].to(device)
+        self.train_model = model  # what the step runs: may be wrapped, or only a part
+        self.optimizer, self.scheduler = recipe.build_optimizer(model, self.total_steps)
+        self.data_rng = torch.Generator().manual_seed(args.seed)
+        self.epoch_rng_state = self.data_rng.get_state()
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history, self.train_seconds, self.images_seen = [], 0.0, 0
+        self.plan = None
+        self.reset_sums()
+
+    # ---- hooks a specialised trainer overrides (see the frozen ResNet)
+
+    def prepare(self):
+        """Work before the first epoch (e.g. a frozen backbone's feature pass)."""
+
+    def batch_inputs(self, idx):
+        """The model's input for the training images idx: augmented and normalised."""
+        plan = self.plan
+        return self.recipe.prepare(crop_flip(self.train_images[idx], plan.shifts[idx], plan.flips[idx]))
+
+    def eval_model(self):
+        return self.model
+
+    def final_logits_fn(self):
+        return self.recipe.final_predict_logits
+
+    def extra_metrics(self):
+        return {}
+
+    # ---- the loop's bookkeeping
+
+    def wrap_model(self):
+        """DDP and torch.compile wrap only the module that is trained; checkpoints save the bare one."""
+        model = self.train_model
+        if self.args.compile:
+            model = torch.compile(model)
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.train_model = model
+
+    def reset_sums(self):
+        self.sums = {"loss": torch.zeros((), device=self.device),
+                     "correct": torch.zeros((), device=self.device), "count": 0, "seconds": 0.0}
+
+    def check_finite(self, step):
+        loss = self.sums["loss"].item()
+        if not math.isfinite(loss):
+            checkpoint = self.out / "checkpoint.pt"
+            kept = f"; the last good checkpoint is {checkpoint}" if checkpoint.exists() else ""
+            raise TrainingDiverged(f"the training loss became {loss} in epoch {self.epoch + 1} "
+                                   f"(step {step + 1}); try a lower --lr than {self.args.lr}{kept}")
+
+    def epoch_stats(self):
+        counts = torch.tensor([self.sums["loss"].item(), self.sums["correct"].item(),
+                               self.sums["count"]], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        loss, correct, count = counts.tolist()
+        return {"train_loss": loss / count, "train_accuracy": correct / count,
+                "seconds": self.sums["seconds"], "images": int(count)}
+
+    def start_epoch(self):
+        """Draw this epoch's data order and augmentation (from the saved state on resume)."""
+        self.data_rng.set_state(self.epoch_rng_state)
+        plan = EpochPlan(len(self.train_labels), self.data_rng, self.recipe.translate,
+                         self.recipe.flip, self.epoch, self.args.seed + 1)
+        plan.order, plan.shifts, plan.flips = (x.to(self.device) for x in
+                                               (plan.order, plan.shifts, plan.flips))
+        self.plan = plan
+        self.recipe.on_epoch_start(self.model, self.epoch)
+
+    def end_epoch(self, stats, test_accuracy, wall_seconds):
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_rng_state = self.data_rng.get_state()
+        self.train_seconds += stats["seconds"]
+        self.images_seen += stats["images"]
+        previous = self.history[-1]["seconds"] if self.history else 0.0
+        record = {"epoch": self.epoch, "train_loss": stats["train_loss"],
+                  "train_accuracy": stats["train_accuracy"], "test_accuracy": test_accuracy,
+                  "seconds": previous + wall_seconds, "epoch_seconds": wall_seconds,
+                  "images_per_second": stats["images"] / max(stats["seconds"], 1e-9)}
+        self.history.append(record)
+        self.reset_sums()
+        return record
+
+    # ---- checkpoints
+
+    def state_dict(self):
+        sums = self.sums
+        return {
+            "format": CHECKPOINT_FORMAT, "script": self.recipe.name,
+            "model": bare_model(self.model).state_dict(), "args": plain_args(self.args),
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict(), "recipe": self.recipe.extra_state(),
+            "rng": {"torch": torch.get_rng_state(), "epoch_data": self.epoch_rng_state},
+            "partial_epoch": {"loss": float(sums["loss"]), "correct": float(sums["correct"]),
+                              "count": sums["count"], "seconds": sums["seconds"]},
+            "history": self.history, "train_seconds": self.train_seconds,
+            "images_seen": self.images_seen,
+            "best_accuracy": max([e["test_accuracy"] for e in self.history], default=0.0),
+            "classes": list(CLASSES), "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, checkpoint, path):
+        load_model_state(bare_model(self.model), checkpoint["model"], path)
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.precision.scaler.load_state_dict(checkpoint["scaler"])
+            self.recipe.load_extra_state(checkpoint["recipe"])
+            self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
+            self.global_step = checkpoint["global_step"]
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            self.epoch_rng_state = checkpoint["rng"]["epoch_data"]
+            partial = checkpoint["partial_epoch"]
+            self.history = list(checkpoint["history"])
+            self.train_seconds = checkpoint["train_seconds"]
+            self.images_seen = checkpoint["images_seen"]
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise UserError(f"{path} cannot be resumed with these flags ({error})") from None
+        self.sums = {"loss": torch.tensor(partial["loss"], device=self.device),
+                     "correct": torch.tensor(partial["correct"], device=self.device),
+                     "count": partial["count"], "seconds": partial["seconds"]}
+
+    def save(self):
+        if is_main_process():
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_atomically(self.state_dict(), self.out / "checkpoint.pt", torch.save)
+
+
+def epoch_line(record, epochs):
+    return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
+            f"train acc {100 * record['train_accuracy']:5.2f}%  "
+            f"test acc {100 * record['test_accuracy']:5.2f}%  "
+            f"{record['epoch_seconds']:6.1f} s  {record['images_per_second']:6.0f} img/s")
+
+
+def fit(trainer, stop):
+    """The epoch loop: train, evaluate, log, checkpoint; stops cleanly on a signal."""
+    args = trainer.args
+    last_epoch = args.stop_after or args.epochs
+    while trainer.epoch < last_epoch:
+        wall_start = time.perf_counter()
+        trainer.start_epoch()
+        with tqdm(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch, leave=False,
+                  desc=f"epoch {trainer.epoch + 1}/{args.epochs}", unit="step",
+                  disable=not (sys.stderr.isatty() and is_main_process())) as progress:
+            stats = train_one_epoch(trainer, stop, progress)
+        result = evaluate(trainer.recipe, trainer.eval_model(), trainer.test_inputs,
+                          trainer.test_labels, trainer.device, trainer.precision)
+        record = trainer.end_epoch(stats, result["test_accuracy"], time.perf_counter() - wall_start)
+        log(epoch_line(record, args.epochs))
+        trainer.save()
+
+
+def finish(trainer, started):
+    """The final evaluation (with the recipe's test-time augmentation) and metrics.json."""
+    result = evaluate(trainer.recipe, trainer.eval_model(), trainer.test_inputs,
+                      trainer.test_labels, trainer.device, trainer.precision,
+                      logits_fn=trainer.final_logits_fn())
+    metrics = {
+        **result, "epochs": trainer.history, "train_seconds": trainer.train_seconds,
+        "images_per_second": trainer.images_seen / max(trainer.train_seconds, 1e-9),
+        "total_seconds": time.perf_counter() - started, "device": str(trainer.device),
+        "precision": trainer.precision.name, "world_size": trainer.world_size,
+        "torch_version": torch.__version__, "args": plain_args(trainer.args),
+        **trainer.extra_metrics(),
+    }
+    if is_main_process():
+        save_json(metrics, trainer.out / "metrics.json")
+    log(f"test accuracy {100 * result['test_accuracy']:.2f}% after {trainer.epoch} epochs, "
+        f"{trainer.train_seconds:.1f} s of training steps, {metrics['total_seconds']:.1f} s in "
+        f"all; results in {trainer.out}")
+    return metrics
+
+# -----------------------------------------------------------------------------
+# Entry point shared by both scripts
+
+
+def parse_args(parser, argv, recipe_name):
+    """Parse argv; with --resume, flags not given again are taken from the checkpoint."""
+    args = parser.parse_args(argv)
+    if not args.resume:
+        return args, None
+    checkpoint = load_checkpoint(args.resume, recipe_name)
+    given = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            given._add_action(action)
+    explicit = vars(given.parse_known_args(argv)[0])
+    per_run = {"resume", "stop_after", "out", "overwrite", "checkpoint", "eval_only", "predict"}
+    for key, value in checkpoint["args"].items():
+        if key not in explicit and key not in per_run and hasattr(args, key):
+            setattr(args, key, value)
+    return args, checkpoint
+
+
+def predict_files(recipe, model, paths, device, precision):
+    """Print each image's three most likely classes."""
+    images = []
+    for path in paths:
+        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
+        if image.shape[-2:] != (32, 32):  # photos of any size: shrink to CIFAR's 32x32
+            image = F.interpolate(image, size=(32, 32), mode="bilinear", antialias=True)
+        images.append(image.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0))
+    batch = torch.stack(images).to(device)
+    model.eval()
+    with torch.no_grad(), precision.autocast():
+        probabilities = recipe.final_predict_logits(model, recipe.prepare(batch)).float().softmax(1)
+    for path, p in zip(paths, probabilities.cpu()):
+        top = p.topk(3)
+        ranked = ", ".join(f"{CLASSES[i]} {100 * v:.1f}%" for v, i in zip(top.values, top.indices))
+        print(f"{path}: {ranked}")
+
+
+def run_from_checkpoint(args, recipe, device, precision, started):
+    """--eval-only and --predict: rebuild the model with the checkpoint's own architecture."""
+    checkpoint = load_checkpoint(args.checkpoint, recipe.name)
+    for key in recipe.architecture_flags:
+        if key in checkpoint["args"]:
+            setattr(args, key, checkpoint["args"][key])
+    model = recipe.build_model(None).to(device, memory_format=torch.channels_last)
+    load_model_state(model, checkpoint["model"], args.checkpoint)
+    if args.predict:
+        predict_files(recipe, model, args.predict, device, precision)
+        return 0
+    out = prepare_out_dir(args, recipe.name)
+    data = take_subset(load_cifar10(args.data_dir), args.subset)
+    test_images, test_labels = data["test_images"].to(device), data["test_labels"].to(device)
+    result = evaluate(recipe, model, test_images, test_labels, device, precision,
+                      logits_fn=recipe.final_predict_logits)
+    metrics = {**result, "checkpoint": str(args.checkpoint), "epochs": checkpoint["history"],
+               "device": str(device), "precision": precision.name,
+               "total_seconds": time.perf_counter() - started, "args": plain_args(args)}
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(metrics, out / "metrics.json")
+    log(f"test accuracy {100 * result['test_accuracy']:.2f}% on {len(test_labels)} test images "
+        f"({args.checkpoint}); metrics in {out / 'metrics.json'}")
+    return 0
+
+
+def run(parser, argv, recipe_class, trainer_class=Trainer):
+    """Everything a script's main() does: returns the process exit status."""
+    started = time.perf_counter()
+    args, checkpoint = parse_args(parser, argv, recipe_class.name)
+    recipe = recipe_class(args)
+    check_args(args)
+    recipe.check_args()
+    device = pick_device(args.device)
+    precision = Precision(device, not args.no_amp)
+    init_distributed(device)
+    try:
+        torch.manual_seed(args.seed)
+        if args.eval_only or args.predict:
+            return run_from_checkpoint(args, recipe, device, precision, started)
+        out = prepare_out_dir(args, recipe.name)
+        data = take_subset(load_cifar10(args.data_dir), args.subset)
+        log(f"{recipe.name}: {len(data['train_labels'])} training and "
+            f"{len(data['test_labels'])} test images from {args.data_dir}; {device}, "
+            f"{precision.name}" + (f", {dist.get_world_size()} processes" if dist.is_initialized() else ""))
+        model = recipe.build_model(data["train_images"].to(device))
+        model = model.to(device, memory_format=torch.channels_last)
+        trainer = trainer_class(args, recipe, model, data, device, precision, out)
+        if checkpoint is not None:
+            trainer.load_state_dict(checkpoint, args.resume)
+            log(f"resumed {args.resume} at epoch {trainer.epoch}, step {trainer.step_in_epoch}")
+        trainer.wrap_model()
+        with StopFlag() as stop:
+            trainer.stop = stop  # long preparations (a feature pass) check it too
+            try:
+                trainer.prepare()
+                fit(trainer, stop)
+            except Interrupted as interrupted:
+                trainer.save()
+                log(f"interrupted by {interrupted}; saved {out / 'checkpoint.pt'}. "
+                    f"Continue with: python {recipe.script} --resume {out / 'checkpoint.pt'}")
+                return 128 + interrupted.signum
+        if trainer.epoch < args.epochs:
+            log(f"stopped after epoch {trainer.epoch} of {args.epochs} as asked. "
+                f"Continue with: python {recipe.script} --resume {out / 'checkpoint.pt'}")
+            return 0
+        recipe.finish_training(trainer.model)
+        finish(trainer, started)
+        trainer.save()
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

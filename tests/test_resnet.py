@@ -1,0 +1,106 @@
+"""End-to-end runs of using-pretrained-resnet.py: weights loading, freezing, features."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from conftest import RESNET_FAST
+import common
+
+
+def train(resnet, data_dir, out, *extra):
+    return resnet.main(["--data-dir", str(data_dir), "--out", str(out), *RESNET_FAST, *extra])
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    """A torchvision-format ResNet-18 state dict (random init) standing in for ImageNet's."""
+    torch.manual_seed(1)
+    path = tmp_path / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def test_freeze_trains_only_the_head(resnet, image_folders, weights_file, tmp_path):
+    out = tmp_path / "run"
+    assert resnet.main(["--data-dir", str(image_folders), "--out", str(out), "--weights",
+                        str(weights_file), "--image-size", "32", "--batch-size", "16",
+                        "--device", "cpu", "--freeze", "--epochs", "2"]) == 0
+    loaded = torch.load(weights_file, weights_only=True)
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    backbone = [k for k in loaded if not k.startswith("fc.")]
+    assert any("running_mean" in k for k in backbone)
+    for key in backbone:  # every tensor, BatchNorm statistics included, bit-identical
+        assert torch.equal(trained[key], loaded[key]), key
+    assert trained["fc.weight"].shape == (10, 512)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["feature_seconds"] > 0 and len(metrics["epochs"]) == 2
+
+
+def test_head_on_cached_features_equals_full_model(resnet, image_folders):
+    args = resnet.build_parser().parse_args(["--weights", "none", "--image-size", "64"])
+    recipe = resnet.ResNetRecipe(args)
+    model = recipe.build_model(None).eval()
+    images = common.load_cifar10(image_folders)["test_images"][:8]
+    with torch.no_grad():
+        inputs = recipe.prepare(images)
+        assert torch.allclose(model.fc(resnet.backbone_features(model, inputs)), model(inputs),
+                              atol=1e-5)
+
+
+def test_frozen_accuracy_matches_eval_of_the_full_model(resnet, image_folders, tmp_path):
+    assert train(resnet, image_folders, tmp_path / "run", "--freeze", "--epochs", "2", "--no-amp") == 0
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert resnet.main(["--data-dir", str(image_folders), "--device", "cpu", "--eval-only",
+                        "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
+                        "--out", str(tmp_path / "eval"), "--no-amp"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert abs(evaluated["test_accuracy"] - trained["test_accuracy"]) <= 1 / 40
+
+
+def test_train_layers_keeps_frozen_stages_and_their_statistics(resnet, image_folders,
+                                                               weights_file, tmp_path):
+    out = tmp_path / "run"
+    assert resnet.main(["--data-dir", str(image_folders), "--out", str(out), "--weights",
+                        str(weights_file), "--image-size", "32", "--batch-size", "16",
+                        "--device", "cpu", "--train-layers", "1", "--epochs", "1",
+                        "--subset", "48"]) == 0
+    loaded = torch.load(weights_file, weights_only=True)
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    for key in loaded:
+        if key.startswith(("conv1", "bn1", "layer1", "layer2", "layer3")):
+            assert torch.equal(trained[key], loaded[key]), key
+    assert not torch.equal(trained["layer4.1.conv2.weight"], loaded["layer4.1.conv2.weight"])
+    assert not torch.equal(trained["layer4.1.bn2.running_mean"], loaded["layer4.1.bn2.running_mean"])
+
+
+def test_full_fine_tuning_runs_and_predicts(resnet, image_folders, tmp_path, capsys):
+    assert train(resnet, image_folders, tmp_path / "run", "--epochs", "1", "--subset", "48") == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(checkpoint["model"])
+    capsys.readouterr()
+    image = next((image_folders / "test" / "cat").iterdir())
+    assert resnet.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--device",
+                        "cpu", "--predict", str(image)]) == 0
+    assert capsys.readouterr().out.split(": ", 1)[1].split()[0] in common.CLASSES
+
+
+def test_missing_imagenet_weights_offline_is_one_clear_error(resnet, image_folders, tmp_path,
+                                                             monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    assert resnet.main(["--data-dir", str(image_folders), "--out", str(tmp_path / "run"),
+                        "--device", "cpu", "--subset", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ImageNet ResNet-18 weights" in err and "--weights PATH" in err
+    assert str(tmp_path / "torch-home") in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_file_of_another_model_is_refused(resnet, image_folders, tmp_path, capsys):
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    assert train(resnet, image_folders, tmp_path / "run", "--weights", str(path)) == 2
+    assert "is not a ResNet-18 state dict" in capsys.readouterr().err

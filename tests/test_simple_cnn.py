@@ -1,0 +1,105 @@
+"""End-to-end runs of using-simple-CNN.py on tiny data, checked as a user would check them."""
+
+import json
+
+import torch
+
+from conftest import CNN_FAST
+import common
+
+
+def train(cnn, data_dir, out, *extra):
+    return cnn.main(["--data-dir", str(data_dir), "--out", str(out), *CNN_FAST, *extra])
+
+
+def test_trains_and_writes_metrics_and_checkpoint(cnn, image_folders, tmp_path, capsys):
+    assert train(cnn, image_folders, tmp_path / "run", "--epochs", "2") == 0
+    printed = capsys.readouterr().out
+    assert "epoch   1/2" in printed and "epoch   2/2" in printed
+
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["test_accuracy"] > 0.2  # tinted classes are easy: well above chance
+    assert set(metrics["per_class_accuracy"]) == set(common.CLASSES)
+    confusion = torch.tensor(metrics["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 40
+    assert confusion.sum(1).tolist() == [4] * 10  # rows are true classes
+    assert abs(confusion.diag().sum() / 40 - metrics["test_accuracy"]) < 1e-9
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["epochs"][1]["seconds"] >= metrics["epochs"][0]["seconds"] > 0
+    assert metrics["images_per_second"] > 0 and metrics["train_seconds"] > 0
+    assert metrics["device"] == "cpu" and metrics["args"]["epochs"] == 2
+
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["args"]["epochs"] == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    model = cnn.SimpleCNN((8, 16, 16))
+    model.load_state_dict(checkpoint["model"])
+
+
+def test_eval_only_reproduces_accuracy(cnn, image_folders, tmp_path):
+    assert train(cnn, image_folders, tmp_path / "run", "--epochs", "1") == 0
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert cnn.main(["--data-dir", str(image_folders), "--device", "cpu", "--eval-only",
+                     "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
+                     "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["test_accuracy"] == trained["test_accuracy"]
+    assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
+
+
+def test_predict_names_a_class(cnn, image_folders, tmp_path, capsys):
+    assert train(cnn, image_folders, tmp_path / "run", "--epochs", "1") == 0
+    capsys.readouterr()
+    image = next((image_folders / "test" / "ship").iterdir())
+    assert cnn.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--device", "cpu",
+                     "--predict", str(image)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{image}: ")
+    first_class = line.split(": ", 1)[1].split()[0]
+    assert first_class in common.CLASSES and line.endswith("%")
+
+
+def test_reads_torchvision_layout_with_checksums(cnn, torchvision_layout, tmp_path):
+    assert train(cnn, torchvision_layout, tmp_path / "run", "--epochs", "1") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert sum(map(sum, metrics["confusion_matrix"])) == 20  # the 20 test_batch images
+
+
+def test_corrupted_torchvision_batch_is_one_clear_error(cnn, torchvision_layout, tmp_path, capsys):
+    with open(torchvision_layout / "cifar-10-batches-py" / "data_batch_3", "ab") as f:
+        f.write(b"garbage")
+    assert train(cnn, torchvision_layout, tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "corrupted" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_offline_download_is_one_clear_error(cnn, tmp_path, capsys):
+    assert train(cnn, tmp_path / "empty", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not download CIFAR-10" in err and "cifar-10-batches-py" in err
+    assert "Traceback" not in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_augmentation_translates_with_reflection_and_flips():
+    images = torch.arange(2 * 4 * 4 * 1, dtype=torch.int64).view(2, 4, 4, 1)
+    shifts = torch.tensor([[0, 0], [1, -1]])
+    flips = torch.tensor([True, False])
+    out = common.crop_flip(images, shifts, flips)
+    assert torch.equal(out[0], images[0].flip(1))            # pure mirror
+    assert torch.equal(out[1, 0, 1:], images[1, 1, :3])      # down 1 row, right 1 column
+    assert torch.equal(out[1, 0, 0], images[1, 1, 1])        # column -1 reflects to column 1
+    assert torch.equal(out[1, 3, 1:], images[1, 2, :3])      # row 4 reflects to row 2
+
+
+def test_whitening_layer_decorrelates_patches(cnn, image_folders):
+    data = common.load_cifar10(image_folders)
+    recipe = cnn.CNNRecipe(cnn.build_parser().parse_args([]))
+    images = recipe.prepare(data["train_images"])
+    conv = torch.nn.Conv2d(3, 24, 2)
+    cnn.init_whitening(conv, images, eps=0)
+    out = torch.nn.functional.conv2d(images, conv.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = out.double().T @ out.double() / len(out)
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3)

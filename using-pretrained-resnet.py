@@ -1,0 +1,256 @@
+"""Fine-tune torchvision's ImageNet ResNet-18 on CIFAR-10.
+
+The 1000-class ImageNet head is replaced by a 10-class one. Three ways to train:
+  full fine-tuning (default)   every layer learns; the new head 10x faster than the rest
+  --train-layers K             only the last K residual stages and the head learn
+  --freeze                     only the head learns, on features computed once
+
+The 32x32 images are resized on the device, in batches, to --image-size (224 by default,
+the size the weights were trained at; smaller is faster and less accurate).
+
+Accuracy with the ImageNet weights is unmeasured by this project (see README.md for the
+published figures it aims at, and for the measured speed figures).
+
+Run:
+    python using-pretrained-resnet.py --freeze                 # head only, seconds per epoch
+    python using-pretrained-resnet.py --epochs 5               # full fine-tuning
+    python using-pretrained-resnet.py --weights resnet18.pth   # a local torchvision state dict
+"""
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Defaults (a short fine-tuning schedule: pretrained features converge in a few epochs)
+
+EPOCHS = 5
+BATCH_SIZE = 128
+LR = 0.01            # backbone's peak learning rate (SGD, Nesterov momentum 0.9)
+HEAD_LR_SCALE = 10   # the new, randomly initialised head learns 10x faster
+WEIGHT_DECAY = 5e-4  # on conv and linear weights only, never on BatchNorm or biases
+LABEL_SMOOTHING = 0.1
+WARMUP = 0.1         # fraction of the steps spent warming up, then cosine decay to zero
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def build_parser():
+    parser = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR)
+    add = parser.add_argument
+    add("--weights", default="imagenet", metavar="imagenet|none|PATH",
+        help="starting weights: torchvision's ImageNet ones (downloaded or in the torch hub "
+             "cache), none for random initialisation, or a ResNet-18 state dict file "
+             "(default: %(default)s)")
+    add("--freeze", action="store_true",
+        help="train only the new head on a frozen backbone; its features are computed once "
+             "(default: off)")
+    add("--train-layers", type=int, choices=range(0, 5), default=None, metavar="K",
+        help="train only the last K residual stages (0-4) and the head; frozen parts keep "
+             "their BatchNorm statistics; 0 is --freeze (default: all layers)")
+    add("--image-size", type=int, default=224,
+        help="side in pixels the 32x32 images are resized to, at least 32 (default: %(default)s)")
+    return parser
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def imagenet_state_dict():
+    """torchvision's ImageNet weights, from the torch hub cache or downloaded into it."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    try:
+        return weights.get_state_dict(progress=common.is_main_process())
+    except Exception as error:  # offline, or a broken download
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise common.UserError(
+            f"could not get the ImageNet ResNet-18 weights ({reason}); put "
+            f"{cached.name} at {cached}, or pass --weights PATH (a ResNet-18 state dict) "
+            f"or --weights none") from None
+
+
+def load_backbone_weights(model, source):
+    """Load a torchvision-format ResNet-18 state dict, all but its classification head."""
+    if source == "imagenet":
+        state = imagenet_state_dict()
+    else:
+        state = common.load_checkpoint_file(source, what="weights file")
+        if isinstance(state, dict) and "script" in state and "model" in state:
+            raise common.UserError(f"{source} is a training checkpoint of these scripts, not "
+                                   f"a weights file; use --resume or --checkpoint with it")
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise common.UserError(f"{source} is not a state dict (a dict of tensors)")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise common.UserError(f"{source} is not a ResNet-18 state dict (tensor shapes differ: "
+                               f"{str(error).splitlines()[-1].strip()})") from None
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise common.UserError(f"{source} is not a ResNet-18 state dict ("
+                               f"{len(missing)} missing and {len(unexpected)} unexpected keys, "
+                               f"e.g. {(missing + unexpected)[0]})")
+
+
+def backbone_features(model, x):
+    """The pooled 512-d features of a torchvision ResNet: its forward() without fc."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    for stage in STAGES:
+        x = getattr(model, stage)(x)
+    return torch.flatten(model.avgpool(x), 1)
+
+
+def frozen_modules(model, train_layers):
+    """The modules that stay fixed when only the last train_layers stages learn."""
+    stem = [model.conv1, model.bn1]
+    return stem + [getattr(model, s) for s in STAGES[:len(STAGES) - train_layers]]
+
+# -----------------------------------------------------------------------------
+# Recipe
+
+
+def warmup_cosine(step, total_steps):
+    warmup = max(1, int(WARMUP * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
+class ResNetRecipe(common.Recipe):
+    name = "resnet18"
+    script = "using-pretrained-resnet.py"
+    architecture_flags = ("image_size",)  # the input size the model was trained at
+    mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD  # what the weights were trained with
+    translate, flip = 4, "random"
+
+    def check_args(self):
+        args = self.args
+        if args.image_size < 32:
+            raise common.UserError(f"--image-size {args.image_size} is too small: ResNet-18 "
+                                   f"downsamples 32x, so it needs at least 32 pixels")
+        if args.freeze and args.train_layers not in (None, 0):
+            raise common.UserError(f"--freeze trains only the head; it cannot be combined with "
+                                   f"--train-layers {args.train_layers}")
+        if args.freeze:
+            args.train_layers = 0
+
+    @property
+    def train_layers(self):
+        return len(STAGES) if self.args.train_layers is None else self.args.train_layers
+
+    def build_model(self, train_images=None):
+        model = torchvision.models.resnet18(weights=None)
+        if train_images is not None and self.args.weights != "none":
+            load_backbone_weights(model, self.args.weights)
+        model.fc = nn.Linear(model.fc.in_features, len(common.CLASSES))
+        for module in frozen_modules(model, self.train_layers):
+            module.requires_grad_(False)
+        return model
+
+    def build_optimizer(self, model, total_steps):
+        args = self.args
+        head = list(model.fc.parameters())
+        body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("fc.")]
+        groups = [dict(params=head, lr=args.lr * HEAD_LR_SCALE, weight_decay=WEIGHT_DECAY)]
+        groups += [dict(params=[p for p in body if p.ndim > 1], lr=args.lr, weight_decay=WEIGHT_DECAY),
+                   dict(params=[p for p in body if p.ndim <= 1], lr=args.lr, weight_decay=0.0)]
+        optimizer = torch.optim.SGD([g for g in groups if g["params"]], momentum=0.9, nesterov=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total_steps))
+        return optimizer, scheduler
+
+    def loss(self, logits, labels):
+        return F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
+
+    def prepare(self, images_uint8):
+        x = common.to_float(images_uint8, self.mean, self.std)
+        if self.args.image_size != x.shape[-1]:
+            x = F.interpolate(x, size=self.args.image_size, mode="bilinear", align_corners=False)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def set_train_mode(self, model):
+        # A frozen module in train() mode would still update its BatchNorm running
+        # statistics on every batch; eval() keeps them exactly as loaded.
+        model.train()
+        for module in frozen_modules(model, self.train_layers):
+            module.eval()
+
+# -----------------------------------------------------------------------------
+# Frozen backbone: compute the features once, then train the head on them
+
+
+class FrozenTrainer(common.Trainer):
+    """--freeze: the backbone never changes, so its features are computed once.
+
+    The training images are passed through it twice, as they are and mirrored; each epoch
+    picks one of the two per image, which is the flip augmentation (random shifts would
+    need a pass per shift, so none are used). Every epoch after the feature pass costs
+    only the linear head.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_model = self.model.fc
+        self.feature_seconds = 0.0
+
+    @torch.no_grad()
+    def features(self, images, mirror=False, batch_size=250):
+        """Pooled features of images (uint8 NHWC), this rank's shard, gathered on all ranks."""
+        self.model.eval()
+        start, end = common.shard(len(images), self.rank, self.world_size)
+        parts = []
+        for i in range(start, end, batch_size):
+            batch = images[i:min(i + batch_size, end)]
+            if mirror:
+                batch = batch.flip(2)  # NHWC: axis 2 is the width
+            with self.precision.autocast():
+                parts.append(backbone_features(self.model, self.recipe.prepare(batch)).float())
+            self.stop.check(self.device)
+        local = torch.cat(parts) if parts else images.new_zeros((0, 512), dtype=torch.float32)
+        return common.gather_rows(local, len(images))
+
+    def prepare(self):
+        started = time.perf_counter()
+        self.train_features = self.features(self.train_images)
+        self.train_features_mirrored = self.features(self.train_images, mirror=True)
+        self.test_inputs = self.features(self.test_inputs)
+        self.feature_seconds = time.perf_counter() - started
+        common.log(f"computed the frozen backbone's features of {2 * len(self.train_features)} "
+                   f"training and {len(self.test_inputs)} test images in "
+                   f"{self.feature_seconds:.1f} s")
+
+    def batch_inputs(self, idx):
+        flips = self.plan.flips[idx, None]
+        return torch.where(flips, self.train_features_mirrored[idx], self.train_features[idx])
+
+    def eval_model(self):
+        return self.model.fc
+
+    def final_logits_fn(self):
+        return lambda head, features: head(features)
+
+    def extra_metrics(self):
+        return {"feature_seconds": self.feature_seconds}
+
+
+def make_trainer(args, recipe, *rest):
+    trainer_class = FrozenTrainer if recipe.train_layers == 0 else common.Trainer
+    return trainer_class(args, recipe, *rest)
+
+
+def main(argv=None):
+    return common.fail_cleanly(lambda: common.run(build_parser(), argv, ResNetRecipe, make_trainer))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
