@@ -11,6 +11,7 @@ the hot path.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -18,7 +19,6 @@ import pickle
 import signal
 import sys
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -585,7 +585,7 @@ def load_checkpoint_file(path, what="checkpoint"):
                             f"execute; refused as unsafe (only tensors and plain data are "
                             f"accepted)") from None
         raise UserError(f"{what} {path} is not a PyTorch checkpoint file (unreadable pickle)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
+    except Exception:  # torch.load fails in many ways on files of other formats
         raise UserError(f"{what} {path} is not a PyTorch checkpoint file (truncated or "
                         f"another format)") from None
 
@@ -875,11 +875,10 @@ def parse_args(parser, argv, recipe_name):
     if not args.resume:
         return args, None
     checkpoint = load_checkpoint(args.resume, recipe_name)
-    given = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            given._add_action(action)
-    explicit = vars(given.parse_known_args(argv)[0])
+    given = copy.deepcopy(parser)
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    explicit = vars(given.parse_args(argv))  # only the flags given on the command line
     per_run = {"resume", "stop_after", "out", "overwrite", "checkpoint", "eval_only", "predict"}
     for key, value in checkpoint["args"].items():
         if key not in explicit and key not in per_run and hasattr(args, key):

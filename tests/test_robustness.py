@@ -1,0 +1,245 @@
+"""Interruptions and bad input: exact resume, clean signals, safe loading, one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CNN_FAST, RESNET_FAST, ROOT, write_image_folders
+import common
+
+
+def state_of(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def assert_same_run(straight, resumed):
+    a, b = state_of(straight), state_of(resumed)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((resumed / "metrics.json").read_text())
+    assert ma["test_accuracy"] == mb["test_accuracy"]
+    assert ma["confusion_matrix"] == mb["confusion_matrix"]
+    assert [(e["train_loss"], e["test_accuracy"]) for e in ma["epochs"]] == \
+        [(e["train_loss"], e["test_accuracy"]) for e in mb["epochs"]]
+
+
+@pytest.mark.parametrize("script, fast", [("cnn", CNN_FAST), ("resnet", RESNET_FAST)])
+def test_stop_after_then_resume_equals_straight_run(script, fast, request, image_folders, tmp_path):
+    main = request.getfixturevalue(script).main
+    base = ["--data-dir", str(image_folders), *fast, "--epochs", "3", "--subset", "64"]
+    assert main(base + ["--out", str(tmp_path / "straight")]) == 0
+    assert main(base + ["--out", str(tmp_path / "paused"), "--stop-after", "1"]) == 0
+    assert not (tmp_path / "paused" / "metrics.json").exists()
+    assert state_of(tmp_path / "paused")["epoch"] == 1
+    assert main(["--epochs", "3", "--resume", str(tmp_path / "paused" / "checkpoint.pt")]) == 0
+    assert_same_run(tmp_path / "straight", tmp_path / "paused")
+
+
+def test_sigint_mid_epoch_saves_and_resumes_exactly(cnn, image_folders, tmp_path, monkeypatch, capsys):
+    base = ["--data-dir", str(image_folders), *CNN_FAST, "--epochs", "2"]
+    assert cnn.main(base + ["--out", str(tmp_path / "straight")]) == 0
+
+    original = cnn.CNNRecipe.after_step
+
+    def after_step(self, model, step, total_steps):
+        original(self, model, step, total_steps)
+        if step == 5:  # in the middle of epoch 2 (3 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cnn.CNNRecipe, "after_step", after_step)
+    assert cnn.main(base + ["--out", str(tmp_path / "cut")]) == 130
+    printed = capsys.readouterr().out
+    assert f"--resume {tmp_path / 'cut' / 'checkpoint.pt'}" in printed
+    saved = state_of(tmp_path / "cut")
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
+    monkeypatch.setattr(cnn.CNNRecipe, "after_step", original)
+    assert cnn.main(["--resume", str(tmp_path / "cut" / "checkpoint.pt")]) == 0
+    assert_same_run(tmp_path / "straight", tmp_path / "cut")
+
+
+def test_sigterm_exits_143_with_a_resume_line_and_no_traceback(image_folders, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "using-simple-CNN.py"), "--data-dir", str(image_folders),
+         "--out", str(out), *CNN_FAST, "--epochs", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until training is under way
+        if line.startswith("epoch"):
+            break
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert "interrupted by SIGTERM" in stdout and "--resume" in stdout
+    assert "Traceback" not in stderr
+    assert state_of(out)["epoch"] >= 1
+
+
+def test_checkpoint_write_is_atomic(cnn, image_folders, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert cnn.main(["--data-dir", str(image_folders), "--out", str(out), *CNN_FAST,
+                     "--epochs", "1"]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def dies_mid_write(obj, path):
+        path.write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # as if killed while writing
+
+    with pytest.raises(KeyboardInterrupt):
+        common.save_atomically({}, out / "checkpoint.pt", dies_mid_write)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def test_nan_loss_stops_with_a_clear_message(cnn, image_folders, tmp_path, capsys):
+    code = cnn.main(["--data-dir", str(image_folders), "--out", str(tmp_path / "run"), *CNN_FAST,
+                     "--epochs", "2", "--lr", "1e30", "--no-lookahead"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "training loss became" in err and "lower --lr" in err and "Traceback" not in err
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_runs_code_is_refused(cnn, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    payload = RunsCode()
+    payload.marker = marker
+    evil = tmp_path / "evil.pt"
+    torch.save({"script": "simple-cnn", "model": payload}, evil)
+    assert cnn.main(["--checkpoint", str(evil), "--eval-only"]) == 2
+    assert "refused as unsafe" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_checkpoint_of_the_other_script_is_named(cnn, resnet, image_folders, tmp_path, capsys):
+    assert resnet.main(["--data-dir", str(image_folders), "--out", str(tmp_path / "r"),
+                        *RESNET_FAST, "--freeze", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert cnn.main(["--checkpoint", str(tmp_path / "r" / "checkpoint.pt"), "--eval-only"]) == 2
+    assert "checkpoint of the resnet18 model" in capsys.readouterr().err
+
+
+def error_of(main, argv, capsys):
+    """Run main(argv) expecting a user error; return the one line it printed."""
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def make_bad_folders(tmp_path, change):
+    root = write_image_folders(tmp_path / "data", n_train=2, n_test=1)
+    change(root)
+    return root
+
+
+BAD_DATA = {
+    "missing class": (lambda r: [p.unlink() for p in (r / "train" / "cat").iterdir()]
+                      and (r / "train" / "cat").rmdir(), "missing: cat"),
+    "extra class": (lambda r: (r / "test" / "unicorn").mkdir(), "unexpected: unicorn"),
+    "no test split": (lambda r: __import__("shutil").rmtree(r / "test"), "has no test/ folder"),
+    "not an image": (lambda r: (r / "train" / "dog" / "notes.txt").write_text("hi"),
+                     "notes.txt is not a readable image"),
+    "wrong size": (lambda r: Image.new("RGB", (64, 48)).save(r / "test" / "frog" / "big.png"),
+                   "big.png is 64x48 pixels"),
+    "empty split": (lambda r: [p.unlink() for p in (r / "train").glob("*/*")], "no images"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_directory(cnn, tmp_path, capsys, case):
+    change, expected = BAD_DATA[case]
+    root = make_bad_folders(tmp_path, change)
+    line = error_of(cnn.main, ["--data-dir", str(root), "--out", str(tmp_path / "out")], capsys)
+    assert expected in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_dir_that_is_a_file(cnn, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in error_of(cnn.main, ["--data-dir", str(tmp_path / "file")], capsys)
+
+
+BAD_FLAGS = {
+    "zero epochs": (["--epochs", "0"], "must be a positive integer"),
+    "negative batch": (["--batch-size", "-4"], "must be a positive integer"),
+    "huge subset": (["--subset", "100000"], "larger than the 120 training images"),
+    "no cuda": (["--device", "cuda"], "no CUDA GPU"),
+    "no mps": (["--device", "mps"], "MPS is not available"),
+    "eval without checkpoint": (["--eval-only"], "--eval-only needs --checkpoint"),
+    "predict without checkpoint": (["--predict", "x.png"], "--predict needs --checkpoint"),
+    "stop after the end": (["--epochs", "2", "--stop-after", "3"], "beyond --epochs 2"),
+    "bad widths": (["--widths", "8,16"], "expected three positive integers"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_impossible_flags(cnn, image_folders, tmp_path, capsys, case):
+    flags, expected = BAD_FLAGS[case]
+    if flags[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if flags[:2] == ["--device", "mps"] and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    line = error_of(cnn.main, ["--data-dir", str(image_folders), "--out", str(tmp_path / "o"),
+                               *flags], capsys)
+    assert expected in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_image_size_too_small_for_resnet(resnet, image_folders, capsys):
+    assert "too small" in error_of(resnet.main, ["--data-dir", str(image_folders),
+                                                 "--image-size", "16"], capsys)
+
+
+@pytest.fixture(scope="module")
+def trained(cnn, image_folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert cnn.main(["--data-dir", str(image_folders), "--out", str(out), *CNN_FAST,
+                     "--epochs", "1"]) == 0
+    return out
+
+
+def test_predict_bad_files(cnn, trained, tmp_path, capsys):
+    ckpt = ["--checkpoint", str(trained / "checkpoint.pt")]
+    (tmp_path / "notes.txt").write_text("not an image")
+    cases = {str(tmp_path / "missing.png"): "no such file",
+             str(tmp_path): "is a directory",
+             str(tmp_path / "notes.txt"): "is not a readable image"}
+    for path, expected in cases.items():
+        assert expected in error_of(cnn.main, ckpt + ["--predict", path], capsys)
+
+
+def test_bad_checkpoint_files(cnn, trained, tmp_path, capsys):
+    (tmp_path / "text.pt").write_text("hello")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "dict.pt")
+    cases = {str(tmp_path / "none.pt"): "no such file",
+             str(tmp_path / "text.pt"): "is not a PyTorch checkpoint file",
+             str(tmp_path / "dict.pt"): "not a checkpoint of these scripts"}
+    for path, expected in cases.items():
+        assert expected in error_of(cnn.main, ["--checkpoint", path, "--eval-only"], capsys)
+        assert expected in error_of(cnn.main, ["--resume", path], capsys)
+
+
+def test_out_of_a_finished_run_is_not_overwritten(cnn, image_folders, trained, capsys):
+    before = (trained / "metrics.json").read_bytes()
+    line = error_of(cnn.main, ["--data-dir", str(image_folders), "--out", str(trained),
+                               *CNN_FAST, "--epochs", "1"], capsys)
+    assert "already holds an earlier run" in line and "--overwrite" in line
+    assert (trained / "metrics.json").read_bytes() == before
+    assert cnn.main(["--data-dir", str(image_folders), "--out", str(trained), *CNN_FAST,
+                     "--epochs", "1", "--overwrite"]) == 0
