@@ -12,6 +12,7 @@ the hot path.
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -279,21 +280,22 @@ def gather_rows(local, n):
 # Data
 
 
-def load_cifar10(data_dir):
+def load_cifar10(data_dir, subset=None):
     """Both splits as uint8 NHWC tensors and int64 labels, from whichever layout DIR holds.
 
+    subset: keep at most this many images of each split (see subset_indices).
     Returns dict(train_images, train_labels, test_images, test_labels, source).
     """
     root = Path(data_dir)
     if root.name == "cifar-10-batches-py":  # the user pointed at the archive's folder itself
         root = root.parent
     if (root / "cifar-10-batches-py").is_dir():
-        return _read_torchvision(root, download=False)
+        return take_subset(_read_torchvision(root, download=False), subset)
     if (root / "train").is_dir() or (root / "test").is_dir():
-        return _read_image_folders(root)
+        return _read_image_folders(root, subset)
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is a file, not a directory")
-    return _read_torchvision(root, download=True)
+    return take_subset(_read_torchvision(root, download=True), subset)
 
 
 def _read_torchvision(root, download):
@@ -317,7 +319,7 @@ def _read_torchvision(root, download):
     return data
 
 
-def _read_image_folders(root):
+def _read_image_folders(root, subset):
     data = {"source": "image-folders"}
     for split in ("train", "test"):
         folder = root / split
@@ -337,6 +339,9 @@ def _read_image_folders(root):
             labels += [label] * len(paths)
         if not files:
             raise UserError(f"{folder} has class folders but no images")
+        if subset is not None:  # choose before decoding: a quick run reads only what it uses
+            keep = subset_indices(len(files), subset, split)
+            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decoding releases the GIL
             images = list(pool.map(_read_32x32_image, files, chunksize=256))
         data[f"{split}_images"] = torch.from_numpy(np.stack(images))
@@ -369,27 +374,38 @@ def _read_32x32_image(path):
     return image
 
 
+def subset_indices(count, n, split):
+    """The indices of at most n of a split's count images: the same ones on every run
+    (independent of --seed), so a checkpoint is evaluated on the images it was tested on."""
+    if split == "train" and n > count:
+        raise UserError(f"--subset {n} is larger than the {count} training images")
+    return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:n].sort().values.tolist()
+
+
 def take_subset(data, n):
-    """At most n images of each split, the same ones on every run (independent of --seed)."""
+    """At most n images of each split (see subset_indices)."""
     if n is None:
         return data
-    n_train = len(data["train_labels"])
-    if n > n_train:
-        raise UserError(f"--subset {n} is larger than the {n_train} training images")
     data = dict(data)
     for split in ("train", "test"):
-        count = len(data[f"{split}_labels"])
-        keep = torch.randperm(count, generator=torch.Generator().manual_seed(0))[:n].sort().values
+        keep = subset_indices(len(data[f"{split}_labels"]), n, split)
         data[f"{split}_images"] = data[f"{split}_images"][keep]
         data[f"{split}_labels"] = data[f"{split}_labels"][keep]
     return data
 
 
+@functools.lru_cache
+def _pixel_stats(mean, std, device):
+    """Mean and std in 0..255 pixel units as (1, 3, 1, 1) tensors, made once per device
+    (a fresh host-to-device copy every batch would stall a GPU)."""
+    as_tensor = lambda v: torch.tensor(v, device=device).view(1, 3, 1, 1) * 255  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
+
+
 def to_float(images_uint8, mean, std):
     """uint8 NHWC batch -> normalised float NCHW in channels_last (a free view of NHWC)."""
     x = images_uint8.permute(0, 3, 1, 2).float()
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    mean, std = _pixel_stats(mean, std, x.device)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 # -----------------------------------------------------------------------------
@@ -916,7 +932,7 @@ def run_from_checkpoint(args, recipe, device, precision, started):
         predict_files(recipe, model, args.predict, device, precision)
         return 0
     out = prepare_out_dir(args, recipe.name)
-    data = take_subset(load_cifar10(args.data_dir), args.subset)
+    data = load_cifar10(args.data_dir, args.subset)
     test_images, test_labels = data["test_images"].to(device), data["test_labels"].to(device)
     result = evaluate(recipe, model, test_images, test_labels, device, precision,
                       logits_fn=recipe.final_predict_logits)
@@ -946,7 +962,7 @@ def run(parser, argv, recipe_class, trainer_class=Trainer):
         if args.eval_only or args.predict:
             return run_from_checkpoint(args, recipe, device, precision, started)
         out = prepare_out_dir(args, recipe.name)
-        data = take_subset(load_cifar10(args.data_dir), args.subset)
+        data = load_cifar10(args.data_dir, args.subset)
         log(f"{recipe.name}: {len(data['train_labels'])} training and "
             f"{len(data['test_labels'])} test images from {args.data_dir}; {device}, "
             f"{precision.name}" + (f", {dist.get_world_size()} processes" if dist.is_initialized() else ""))

@@ -8,11 +8,14 @@ with low momentum, label smoothing, Nesterov SGD with a short triangular schedul
 alternating flips and small translations, lookahead weight averaging, and test-time
 augmentation with flips and shifts.
 
-Results (see README.md for the commands, hardware and the full tables).
+Measured (README.md has the table): with the defaults, 93.82% on the dev split (45,000
+training images, 5,000 held out from CIFAR-10's training set; one seed) after 10 epochs,
+2790 s for the whole process on a 2-core AVX2 CPU in float32, torch 2.14.1:
+    python using-simple-CNN.py --data-dir DEV_SPLIT
 
 Run:
     python using-simple-CNN.py                                # 10 epochs on ./data
-    python using-simple-CNN.py --data-dir ../cifar10-dev --epochs 2
+    python using-simple-CNN.py --data-dir path/to/cifar10-png --epochs 2
     python using-simple-CNN.py --checkpoint runs/X/checkpoint.pt --predict cat.png
 """
 
@@ -205,12 +208,12 @@ class CNNRecipe(common.Recipe):
         if train_images is not None and not self.args.no_whiten:
             init_whitening(model.whiten, self.prepare(train_images[:5000]).cpu())
         model.whiten.bias.data.zero_()
-        if not self.args.no_lookahead:
-            self.lookahead = Lookahead(model)
         return model
 
     def build_optimizer(self, model, total_steps):
         args = self.args
+        # Made here, once the model sits on its device, so the averages live there too.
+        self.lookahead = None if args.no_lookahead else Lookahead(model)
         norm_biases = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 1
                        and n.startswith("blocks")]
         others = [p for n, p in model.named_parameters()
