@@ -8,8 +8,11 @@ The 1000-class ImageNet head is replaced by a 10-class one. Three ways to train:
 The 32x32 images are resized on the device, in batches, to --image-size (224 by default,
 the size the weights were trained at; smaller is faster and less accurate).
 
-Accuracy with the ImageNet weights is unmeasured by this project (see README.md for the
-published figures it aims at, and for the measured speed figures).
+Accuracy with the ImageNet weights has not been measured for this project yet. Speed,
+measured on a 2-core AVX2 CPU in float32 with torch 2.14.1 (README.md has the commands):
+full fine-tuning trains 25.5 images/s at 128 px and 9.6 at 224 px (batch 32); --freeze
+at 64 px computes the features of 95,000 images in about 4 minutes, after which an
+epoch takes about half a second.
 
 Run:
     python using-pretrained-resnet.py --freeze                 # head only, seconds per epoch
@@ -208,13 +211,17 @@ class FrozenTrainer(common.Trainer):
         """Pooled features of images (uint8 NHWC), this rank's shard, gathered on all ranks."""
         self.model.eval()
         start, end = common.shard(len(images), self.rank, self.world_size)
+        per_rank = -(-len(images) // self.world_size)
         parts = []
-        for i in range(start, end, batch_size):
+        # Every rank makes the same number of passes (a shorter shard's last may be empty),
+        # so the stop check, a collective under torchrun, is called equally often on all.
+        for i in range(start, start + per_rank, batch_size):
             batch = images[i:min(i + batch_size, end)]
-            if mirror:
-                batch = batch.flip(2)  # NHWC: axis 2 is the width
-            with self.precision.autocast():
-                parts.append(backbone_features(self.model, self.recipe.prepare(batch)).float())
+            if len(batch):
+                if mirror:
+                    batch = batch.flip(2)  # NHWC: axis 2 is the width
+                with self.precision.autocast():
+                    parts.append(backbone_features(self.model, self.recipe.prepare(batch)).float())
             self.stop.check(self.device)
         local = torch.cat(parts) if parts else images.new_zeros((0, 512), dtype=torch.float32)
         return common.gather_rows(local, len(images))
