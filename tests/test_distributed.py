@@ -17,19 +17,23 @@ def torchrun(script, *argv):
          str(ROOT / script), *argv], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_cnn_under_torchrun_then_resumed_in_one_process(cnn, image_folders, tmp_path):
+def test_cnn_checkpoints_move_between_torchrun_and_one_process(cnn, image_folders, tmp_path):
     out = tmp_path / "run"
     result = torchrun("using-simple-CNN.py", "--data-dir", str(image_folders), "--out", str(out),
-                      *CNN_FAST, "--epochs", "2", "--stop-after", "1")
+                      *CNN_FAST, "--epochs", "3", "--stop-after", "1")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("epoch   1/2") == 1  # rank 0 alone prints
+    assert result.stdout.count("epoch   1/3") == 1  # rank 0 alone prints
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["world_size"] == 2
     assert not any(k.startswith("module.") for k in checkpoint["model"])
 
-    assert cnn.main(["--resume", str(out / "checkpoint.pt")]) == 0  # single process
+    # torchrun -> one process, then one process -> torchrun
+    assert cnn.main(["--resume", str(out / "checkpoint.pt"), "--stop-after", "2"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["world_size"] == 1
+    result = torchrun("using-simple-CNN.py", "--resume", str(out / "checkpoint.pt"))
+    assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 1 and len(metrics["epochs"]) == 2
+    assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
 
 
 def test_frozen_resnet_under_torchrun(image_folders, tmp_path):
