@@ -259,9 +259,14 @@ def log(*parts):
         print(*parts, flush=True)
 
 
+def rows_per_rank(n, world_size):
+    """How many of n rows each rank owns at most (the last shards may be shorter)."""
+    return -(-n // world_size)
+
+
 def shard(n, rank, world_size):
-    """The rows [start, end) of n that a rank owns; the last shards may be one shorter."""
-    per_rank = -(-n // world_size)
+    """The rows [start, end) of n that a rank owns; the last shards may be shorter."""
+    per_rank = rows_per_rank(n, world_size)
     return min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
 
 
@@ -269,7 +274,7 @@ def gather_rows(local, n):
     """Concatenate every rank's `local` rows (from shard()) into the full n rows, on all ranks."""
     if not dist.is_initialized():
         return local
-    per_rank = -(-n // dist.get_world_size())
+    per_rank = rows_per_rank(n, dist.get_world_size())
     padded = local.new_zeros((per_rank,) + tuple(local.shape[1:]))
     padded[:len(local)] = local
     gathered = local.new_empty((per_rank * dist.get_world_size(),) + tuple(local.shape[1:]))
@@ -966,7 +971,9 @@ def run(parser, argv, recipe_class, trainer_class=Trainer):
         log(f"{recipe.name}: {len(data['train_labels'])} training and "
             f"{len(data['test_labels'])} test images from {args.data_dir}; {device}, "
             f"{precision.name}" + (f", {dist.get_world_size()} processes" if dist.is_initialized() else ""))
-        model = recipe.build_model(data["train_images"].to(device))
+        # Moved once: the whitening init and the trainer then share the device copies.
+        data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
+        model = recipe.build_model(data["train_images"])
         model = model.to(device, memory_format=torch.channels_last)
         trainer = trainer_class(args, recipe, model, data, device, precision, out)
         if checkpoint is not None:

@@ -211,7 +211,7 @@ class FrozenTrainer(common.Trainer):
         """Pooled features of images (uint8 NHWC), this rank's shard, gathered on all ranks."""
         self.model.eval()
         start, end = common.shard(len(images), self.rank, self.world_size)
-        per_rank = -(-len(images) // self.world_size)
+        per_rank = common.rows_per_rank(len(images), self.world_size)
         parts = []
         # Every rank makes the same number of passes (a shorter shard's last may be empty),
         # so the stop check, a collective under torchrun, is called equally often on all.
