@@ -7,7 +7,8 @@ evaluate, checkpoints and metrics, and `run()`, the driver both scripts call.
 
 The whole dataset is decoded once into a uint8 tensor on the training device and
 augmented there in whole batches: no per-image Python work and no DataLoader workers in
-the hot path.
+the hot path. `--pipeline plain` swaps in the textbook alternative (PIL and a DataLoader,
+one image at a time) with the same augmentation, so the two can be timed side by side.
 """
 
 import argparse
@@ -148,6 +149,14 @@ def make_parser(description, *, epochs, batch_size, lr):
     add("--no-amp", action="store_true",
         help="train in float32; by default bf16 autocast is used where the device has it, "
              "else fp16 with a grad scaler on GPUs (default: off)")
+    add("--pipeline", choices=("batched", "plain"), default="batched",
+        help="how training batches are made: batched augments whole batches of the dataset "
+             "held on the device; plain crops, flips, resizes and normalises one PIL image at "
+             "a time in DataLoader worker processes and feeds NCHW tensors, the textbook way, "
+             "for speed comparisons (same augmentation either way) (default: %(default)s)")
+    add("--workers", type=int, default=2, metavar="N",
+        help="DataLoader worker processes for --pipeline plain; 0 makes the batches in the "
+             "training process (default: %(default)s)")
     add("--compile", action="store_true",
         help="torch.compile the model: slower start, faster steps on GPUs (default: off)")
     add("--subset", type=positive_int, default=None, metavar="N",
@@ -184,6 +193,8 @@ def check_args(args):
         raise UserError("--resume continues training; use --checkpoint with --eval-only or --predict")
     if args.stop_after is not None and args.stop_after > args.epochs:
         raise UserError(f"--stop-after {args.stop_after} is beyond --epochs {args.epochs}")
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers} must be 0 or more")
 
 # -----------------------------------------------------------------------------
 # Device and precision
@@ -470,6 +481,7 @@ class Recipe:
     architecture_flags = ()  # flags that shape the model: read back from checkpoints
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     translate, flip = 4, "random"
+    input_size = 32  # side of the model's input images, after any resize
 
     def __init__(self, args):
         self.args = args
@@ -527,13 +539,10 @@ def train_one_epoch(trainer, stop, progress):
     """
     t, recipe = trainer, trainer.recipe
     recipe.set_train_mode(t.model)
-    local_batch = t.batch_size // t.world_size
     read_every = 1 if t.device.type == "cpu" else 25  # reading the loss syncs a GPU
-    for step in range(t.step_in_epoch, t.steps_per_epoch):
-        started = time.perf_counter()
-        idx = t.plan.order[step * t.batch_size:(step + 1) * t.batch_size]
-        idx = idx[t.rank * local_batch:(t.rank + 1) * local_batch]  # this rank's share
-        inputs, labels = t.batch_inputs(idx), t.train_labels[idx]
+    started = time.perf_counter()  # each step's time includes waiting for its batch
+    for step, idx, inputs in t.batches():
+        labels = t.train_labels[idx]
         with t.precision.autocast():
             logits = t.train_model(inputs)
             loss = recipe.loss(logits, labels)
@@ -554,6 +563,7 @@ def train_one_epoch(trainer, stop, progress):
         t.sums["seconds"] += time.perf_counter() - started
         t.step_in_epoch = step + 1
         stop.check(t.device)
+        started = time.perf_counter()
     return t.epoch_stats()
 
 
@@ -722,6 +732,18 @@ class Trainer:
     def prepare(self):
         """Work before the first epoch (e.g. a frozen backbone's feature pass)."""
 
+    def step_indices(self, step):
+        """This rank's share of the training images of one step of the epoch."""
+        local = self.batch_size // self.world_size
+        idx = self.plan.order[step * self.batch_size:(step + 1) * self.batch_size]
+        return idx[self.rank * local:(self.rank + 1) * local]
+
+    def batches(self):
+        """(step, image indices, model input) for the steps left in the epoch."""
+        for step in range(self.step_in_epoch, self.steps_per_epoch):
+            idx = self.step_indices(step)
+            yield step, idx, self.batch_inputs(idx)
+
     def batch_inputs(self, idx):
         """The model's input for the training images idx: augmented and normalised."""
         plan = self.plan
@@ -841,6 +863,66 @@ class Trainer:
             save_atomically(self.state_dict(), self.out / "checkpoint.pt", torch.save)
 
 
+class PlainImages(torch.utils.data.Dataset):
+    """--pipeline plain: the textbook input pipeline, one PIL image at a time.
+
+    Applies the epoch plan's shift and flip of each image (so both pipelines train on
+    the same pixels), resizes to the model's input size and normalises, in the process
+    that asks: DataLoader workers, when there are some.
+    """
+
+    def __init__(self, images, plan, recipe):
+        self.images, self.shifts, self.flips = images, plan.shifts.cpu(), plan.flips.cpu()
+        self.pad, self.size = recipe.translate, recipe.input_size
+        self.mean, self.std = recipe.mean, recipe.std
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        import torchvision.transforms.functional as TF
+        from PIL import Image
+
+        image = Image.fromarray(self.images[i].numpy())
+        if self.flips[i]:  # mirror, then shift: the order crop_flip's gather has
+            image = TF.hflip(image)
+        if self.pad:
+            dy, dx = self.shifts[i].tolist()
+            image = TF.pad(image, self.pad, padding_mode="reflect")
+            image = TF.crop(image, self.pad + dy, self.pad + dx, 32, 32)
+        if self.size != 32:
+            image = TF.resize(image, [self.size, self.size], TF.InterpolationMode.BILINEAR)
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+
+
+class PlainPipelineTrainer(Trainer):
+    """--pipeline plain: batches from a DataLoader over PlainImages, fed as NCHW tensors.
+
+    The steps, the augmentation and the data order are the same as the batched
+    pipeline's; only where and how the input tensors are made differs. A new loader is
+    made each epoch (its workers start again), as in most training scripts.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cpu_images = self.train_images.cpu()
+        self.model.to(memory_format=torch.contiguous_format)
+
+    def batches(self):
+        steps = range(self.step_in_epoch, self.steps_per_epoch)
+        indices = [self.step_indices(step).tolist() for step in steps]
+        loader = torch.utils.data.DataLoader(
+            PlainImages(self.cpu_images, self.plan, self.recipe), batch_sampler=indices,
+            num_workers=self.args.workers, pin_memory=self.device.type == "cuda")
+        for step, idx, inputs in zip(steps, indices, loader):
+            yield step, torch.tensor(idx, device=self.device), inputs.to(self.device, non_blocking=True)
+
+
+def make_trainer(args, *rest):
+    """The trainer for the chosen --pipeline."""
+    return (PlainPipelineTrainer if args.pipeline == "plain" else Trainer)(args, *rest)
+
+
 def epoch_line(record, epochs):
     return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
             f"train acc {100 * record['train_accuracy']:5.2f}%  "
@@ -952,7 +1034,7 @@ def run_from_checkpoint(args, recipe, device, precision, started):
     return 0
 
 
-def run(parser, argv, recipe_class, trainer_class=Trainer):
+def run(parser, argv, recipe_class, trainer_class=make_trainer):
     """Everything a script's main() does: returns the process exit status."""
     started = time.perf_counter()
     args, checkpoint = parse_args(parser, argv, recipe_class.name)

@@ -59,6 +59,10 @@ def build_parser():
     add("--train-layers", type=int, choices=range(0, 5), default=None, metavar="K",
         help="train only the last K residual stages (0-4) and the head; frozen parts keep "
              "their BatchNorm statistics; 0 is --freeze (default: all layers)")
+    add("--recompute-features", action="store_true",
+        help="with --freeze, run the frozen backbone on every batch of every epoch instead of "
+             "computing its features once: much slower, but it allows random shifts, and it "
+             "is the baseline the feature cache is timed against (default: off)")
     add("--image-size", type=int, default=224,
         help="side in pixels the 32x32 images are resized to, at least 32 (default: %(default)s)")
     return parser
@@ -146,6 +150,16 @@ class ResNetRecipe(common.Recipe):
                                    f"--train-layers {args.train_layers}")
         if args.freeze:
             args.train_layers = 0
+        if args.recompute_features and args.train_layers != 0:
+            raise common.UserError("--recompute-features applies only with --freeze (the "
+                                   "features are recomputed every step otherwise anyway)")
+        if args.train_layers == 0 and args.pipeline == "plain" and not args.recompute_features:
+            raise common.UserError("--freeze computes the features once, in batches; "
+                                   "--pipeline plain needs --recompute-features with it")
+
+    @property
+    def input_size(self):
+        return self.args.image_size
 
     @property
     def train_layers(self):
@@ -177,8 +191,8 @@ class ResNetRecipe(common.Recipe):
 
     def prepare(self, images_uint8):
         x = common.to_float(images_uint8, self.mean, self.std)
-        if self.args.image_size != x.shape[-1]:
-            x = F.interpolate(x, size=self.args.image_size, mode="bilinear", align_corners=False)
+        if self.input_size != x.shape[-1]:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         return x.contiguous(memory_format=torch.channels_last)
 
     def set_train_mode(self, model):
@@ -251,8 +265,9 @@ class FrozenTrainer(common.Trainer):
 
 
 def make_trainer(args, recipe, *rest):
-    trainer_class = FrozenTrainer if recipe.train_layers == 0 else common.Trainer
-    return trainer_class(args, recipe, *rest)
+    if recipe.train_layers == 0 and not args.recompute_features:
+        return FrozenTrainer(args, recipe, *rest)
+    return common.make_trainer(args, recipe, *rest)
 
 
 def main(argv=None):
