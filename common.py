@@ -712,6 +712,10 @@ class Trainer:
         if self.batch_size % self.world_size:
             raise UserError(f"--batch-size {args.batch_size} must be a multiple of the "
                             f"{self.world_size} torchrun processes")
+        if self.batch_size // self.world_size < 2:
+            short = "--subset" if n < 2 * self.world_size else "--batch-size"
+            raise UserError(f"each step would give a process {self.batch_size // self.world_size} "
+                            f"image, too few for BatchNorm (it needs 2 or more): raise {short}")
         self.steps_per_epoch = n // self.batch_size  # the last partial batch is dropped
         self.total_steps = self.steps_per_epoch * args.epochs
         self.train_images = data["train_images"].to(device)

@@ -185,6 +185,8 @@ BAD_FLAGS = {
     "predict without checkpoint": (["--predict", "x.png"], "--predict needs --checkpoint"),
     "stop after the end": (["--epochs", "2", "--stop-after", "3"], "beyond --epochs 2"),
     "bad widths": (["--widths", "8,16"], "expected three positive integers"),
+    "batch of one": (["--batch-size", "1"], "too few for BatchNorm (it needs 2 or more): raise --batch-size"),
+    "subset of one": (["--subset", "1"], "too few for BatchNorm (it needs 2 or more): raise --subset"),
 }
 
 
@@ -204,6 +206,15 @@ def test_impossible_flags(cnn, image_folders, tmp_path, capsys, case):
 def test_image_size_too_small_for_resnet(resnet, image_folders, capsys):
     assert "too small" in error_of(resnet.main, ["--data-dir", str(image_folders),
                                                  "--image-size", "16"], capsys)
+
+
+def test_resnet_on_a_single_image_is_one_clear_error(resnet, image_folders, tmp_path, capsys):
+    # one image per step would reach BatchNorm's batch-size check deep inside the model
+    line = error_of(resnet.main, ["--data-dir", str(image_folders), "--out", str(tmp_path / "o"),
+                                  "--weights", "none", "--image-size", "32", "--device", "cpu",
+                                  "--subset", "1"], capsys)
+    assert "raise --subset" in line
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
