@@ -211,8 +211,9 @@ class FrozenTrainer(common.Trainer):
 
     The training images are passed through it twice, as they are and mirrored; each epoch
     picks one of the two per image, which is the flip augmentation (random shifts would
-    need a pass per shift, so none are used). Every epoch after the feature pass costs
-    only the linear head.
+    need a pass per shift, so none are used; --recompute-features runs the backbone on
+    every batch instead, shifts included). Every epoch after the feature pass costs only
+    the linear head.
     """
 
     def __init__(self, *args, **kwargs):
