@@ -927,6 +927,11 @@ def make_trainer(args, *rest):
     return (PlainPipelineTrainer if args.pipeline == "plain" else Trainer)(args, *rest)
 
 
+def progress_bar(**kwargs):
+    """A tqdm bar on a terminal, from the main process only; nothing in logs or pipes."""
+    return tqdm(leave=False, disable=not (sys.stderr.isatty() and is_main_process()), **kwargs)
+
+
 def epoch_line(record, epochs):
     return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
             f"train acc {100 * record['train_accuracy']:5.2f}%  "
@@ -941,9 +946,8 @@ def fit(trainer, stop):
     while trainer.epoch < last_epoch:
         wall_start = time.perf_counter()
         trainer.start_epoch()
-        with tqdm(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch, leave=False,
-                  desc=f"epoch {trainer.epoch + 1}/{args.epochs}", unit="step",
-                  disable=not (sys.stderr.isatty() and is_main_process())) as progress:
+        with progress_bar(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
+                          desc=f"epoch {trainer.epoch + 1}/{args.epochs}", unit="step") as progress:
             stats = train_one_epoch(trainer, stop, progress)
         result = evaluate(trainer.recipe, trainer.eval_model(), trainer.test_inputs,
                           trainer.test_labels, trainer.device, trainer.precision)

@@ -222,7 +222,7 @@ class FrozenTrainer(common.Trainer):
         self.feature_seconds = 0.0
 
     @torch.no_grad()
-    def features(self, images, mirror=False, batch_size=250):
+    def features(self, images, what, mirror=False, batch_size=250):
         """Pooled features of images (uint8 NHWC), this rank's shard, gathered on all ranks."""
         self.model.eval()
         start, end = common.shard(len(images), self.rank, self.world_size)
@@ -230,7 +230,8 @@ class FrozenTrainer(common.Trainer):
         parts = []
         # Every rank makes the same number of passes (a shorter shard's last may be empty),
         # so the stop check, a collective under torchrun, is called equally often on all.
-        for i in range(start, start + per_rank, batch_size):
+        batches = range(start, start + per_rank, batch_size)
+        for i in common.progress_bar(iterable=batches, desc=f"features of {what}", unit="batch"):
             batch = images[i:min(i + batch_size, end)]
             if len(batch):
                 if mirror:
@@ -243,9 +244,13 @@ class FrozenTrainer(common.Trainer):
 
     def prepare(self):
         started = time.perf_counter()
-        self.train_features = self.features(self.train_images)
-        self.train_features_mirrored = self.features(self.train_images, mirror=True)
-        self.test_inputs = self.features(self.test_inputs)
+        n_train, n_test = len(self.train_images), len(self.test_inputs)
+        common.log(f"computing the frozen backbone's features of {n_train} training images, "
+                   f"their mirror images and {n_test} test images at {self.args.image_size} px; "
+                   f"this pass is most of the run")
+        self.train_features = self.features(self.train_images, "training images")
+        self.train_features_mirrored = self.features(self.train_images, "mirror images", mirror=True)
+        self.test_inputs = self.features(self.test_inputs, "test images")
         self.feature_seconds = time.perf_counter() - started
         common.log(f"computed the frozen backbone's features of {2 * len(self.train_features)} "
                    f"training and {len(self.test_inputs)} test images in "
