@@ -63,7 +63,7 @@ def build_parser():
         help="with --freeze, run the frozen backbone on every batch of every epoch instead of "
              "computing its features once: much slower, but it allows random shifts, and it "
              "is the baseline the feature cache is timed against (default: off)")
-    add("--image-size", type=int, default=224,
+    add("--image-size", type=int, default=224, metavar="PX",
         help="side in pixels the 32x32 images are resized to, at least 32 (default: %(default)s)")
     return parser
 
