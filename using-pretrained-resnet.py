@@ -9,10 +9,10 @@ The 32x32 images are resized on the device, in batches, to --image-size (224 by 
 the size the weights were trained at; smaller is faster and less accurate).
 
 Accuracy with the ImageNet weights has not been measured for this project yet. Speed,
-measured on a 2-core AVX2 CPU in float32 with torch 2.14.1 (README.md has the commands):
-full fine-tuning trains 25.5 images/s at 128 px and 9.6 at 224 px (batch 32); --freeze
-at 64 px computes the features of 95,000 images in about 4 minutes, after which an
-epoch takes about half a second.
+measured on a 2-core AVX2 CPU in float32 with torch 2.14.1 (README.md has the commands
+and the runs): full fine-tuning trains 33.8 images/s at 128 px and 10.3 at 224 px
+(batch 32; medians of three); --freeze computes the features of 95,000 images in about
+4, 20 and 71 minutes at 64, 128 and 224 px, after which an epoch takes under a second.
 
 Run:
     python using-pretrained-resnet.py --freeze                 # head only, seconds per epoch
