@@ -914,12 +914,13 @@ class PlainPipelineTrainer(Trainer):
 
     def batches(self):
         steps = range(self.step_in_epoch, self.steps_per_epoch)
-        indices = [self.step_indices(step).tolist() for step in steps]
+        indices = [self.step_indices(step) for step in steps]  # on the device, for the labels
         loader = torch.utils.data.DataLoader(
-            PlainImages(self.cpu_images, self.plan, self.recipe), batch_sampler=indices,
+            PlainImages(self.cpu_images, self.plan, self.recipe),
+            batch_sampler=[idx.tolist() for idx in indices],
             num_workers=self.args.workers, pin_memory=self.device.type == "cuda")
         for step, idx, inputs in zip(steps, indices, loader):
-            yield step, torch.tensor(idx, device=self.device), inputs.to(self.device, non_blocking=True)
+            yield step, idx, inputs.to(self.device, non_blocking=True)
 
 
 def make_trainer(args, *rest):
