@@ -87,16 +87,6 @@ class StopFlag:
     def _handle(self, signum, frame):
         self.signum = signum
 
-    def check(self, device):
-        """Raise Interrupted if any rank was signalled (all ranks stop at the same step)."""
-        signum = self.signum
-        if dist.is_initialized():  # every rank must leave the loop at the same step
-            flag = torch.tensor([signum], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item())
-        if signum:
-            raise Interrupted(signum)
-
 
 def fail_cleanly(main):
     """Call main(argv) and turn the user-facing exceptions into one line and an exit code."""
@@ -200,8 +190,15 @@ def check_args(args):
 # Device and precision
 
 
+HOST_READ_EVERY = 25  # training steps between host reads of device values on a GPU or MPS
+
+
 def pick_device(name):
-    """torch.device for --device; a device that is not there is one clear error."""
+    """torch.device for --device; a device that is not there is one clear error.
+
+    Under torchrun each process takes the GPU of its LOCAL_RANK and makes it current
+    before anything else (precision probes, the process group) looks at "the" GPU.
+    """
     has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
@@ -209,24 +206,65 @@ def pick_device(name):
         raise UserError("--device cuda: no CUDA GPU is available here (try --device cpu)")
     if name == "mps" and not has_mps:
         raise UserError("--device mps: Apple MPS is not available here (try --device cpu)")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+    if name != "cuda":
+        return torch.device(name)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    torch.cuda.set_device(device)
+    # The shapes never change from step to step, so cuDNN's autotuner pays off at once.
+    torch.backends.cudnn.benchmark = True
+    return device
+
+
+def steps_per_host_read(device):
+    """How often the step loop reads a device value on the host (the loss, the stop flag).
+
+    On a CPU a read costs nothing, so it happens every step; on a GPU or MPS each read
+    waits for all queued work, so it happens every HOST_READ_EVERY steps.
+    """
+    return 1 if device.type == "cpu" else HOST_READ_EVERY
+
+
+def cpu_has_native_bf16():
+    """AVX-512 BF16 or AMX: bf16 matmuls run in hardware, several times float32's rate.
+
+    (mkldnn's own bf16 check also says yes for plain AVX-512, where bf16 is emulated.)
+    """
+    probes = [getattr(torch.cpu, name, None) for name in
+              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if None in probes:  # an older torch without these probes
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return any(probe() for probe in probes)
+
+
+def torch_version():
+    """The installed torch's (major, minor)."""
+    return tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+def mps_has_fp16_training():
+    """fp16 training on MPS needs autocast there (torch 2.5) and the grad scaler's MPS
+    kernels (torch 2.8); with an older torch a Mac trains in float32."""
+    return torch_version() >= (2, 8)
 
 
 def pick_amp_dtype(device, enabled):
     """The autocast dtype for a device, or None for float32.
 
-    bf16 needs no loss scaling, so it is preferred where the hardware runs it fast. On a
-    CPU without native bf16 (e.g. AVX2 only) bf16 is emulated and far slower than float32.
+    bf16 needs no loss scaling, so it is chosen wherever the hardware runs it natively:
+    CUDA GPUs of compute capability 8.0 and newer (Ampere on), CPUs with AVX-512 BF16 or
+    AMX. Older GPUs (T4, V100, GeForce 10/16/20) have fast fp16 but only emulated bf16
+    (which torch.cuda.is_bf16_supported() counts as support), so they get fp16 and a grad
+    scaler; so does MPS. Without native bf16 a CPU trains fastest in float32.
     """
     if not enabled:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        return torch.float16 if mps_has_fp16_training() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
 
 
 class Precision:
@@ -241,10 +279,27 @@ class Precision:
     def name(self):
         return {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
+    @property
+    def fused_optimizer(self):
+        """With a grad scaler, a fused optimizer skips an overflowing step on the device,
+        where any other makes GradScaler.step read the overflow check on the host every
+        step. Used on CUDA, where fused SGD has long been in use; on MPS the scaler's
+        per-step read is kept."""
+        return self.scaler.is_enabled() and self.device_type == "cuda"
+
     def autocast(self):
         if self.dtype is None:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def state_dict(self):
+        return self.scaler.state_dict()  # {} when no scaler is used
+
+    def load_state_dict(self, state):
+        """The scaler's state, when both runs use one: a checkpoint moves between precisions
+        (a float32 or bf16 run resumed in fp16 starts a fresh scaler, and the reverse drops it)."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
 # -----------------------------------------------------------------------------
 # Distributed (torchrun)
@@ -254,11 +309,18 @@ def init_distributed(device):
     """Join the torchrun process group if launched by torchrun; returns (rank, world_size)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+    if not dist.is_initialized():  # pick_device has already made this rank's GPU current
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def broadcast_from_rank0(tensors):
+    """Make every rank's copies of these tensors equal to rank 0's (rank 0 is the one that
+    saves the checkpoint). DDP keeps the parameters equal, but each rank updates its own
+    BatchNorm running statistics from its own images."""
+    if dist.is_initialized():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
 
 
 def is_main_process():
@@ -492,8 +554,9 @@ class Recipe:
     def build_model(self, train_images=None):
         raise NotImplementedError
 
-    def build_optimizer(self, model, total_steps):
-        """Returns (optimizer, scheduler stepped once per batch)."""
+    def build_optimizer(self, model, total_steps, fused=False):
+        """Returns (optimizer, scheduler stepped once per batch); fused: use the fused
+        optimizer kernels (see Precision.fused_optimizer)."""
         raise NotImplementedError
 
     def loss(self, logits, labels):
@@ -539,7 +602,6 @@ def train_one_epoch(trainer, stop, progress):
     """
     t, recipe = trainer, trainer.recipe
     recipe.set_train_mode(t.model)
-    read_every = 1 if t.device.type == "cpu" else 25  # reading the loss syncs a GPU
     started = time.perf_counter()  # each step's time includes waiting for its batch
     for step, idx, inputs in t.batches():
         labels = t.train_labels[idx]
@@ -556,45 +618,48 @@ def train_one_epoch(trainer, stop, progress):
         t.sums["loss"] += loss.detach().float() * len(idx)
         t.sums["correct"] += (logits.detach().argmax(1) == labels).sum()
         t.sums["count"] += len(idx)
-        if (step + 1) % read_every == 0 or step + 1 == t.steps_per_epoch:
-            t.check_finite(step)
-            progress.set_postfix(loss=f"{t.sums['loss'].item() / t.sums['count']:.3f}", refresh=False)
-        progress.update(1)
         t.sums["seconds"] += time.perf_counter() - started
         t.step_in_epoch = step + 1
-        stop.check(t.device)
+        if t.step_in_epoch % t.read_every == 0 or t.step_in_epoch == t.steps_per_epoch:
+            loss_sum = t.poll(stop)
+            progress.set_postfix(loss=f"{loss_sum / t.sums['count']:.3f}", refresh=False)
+        progress.update(1)
         started = time.perf_counter()
     return t.epoch_stats()
 
 
 @torch.no_grad()
 def evaluate(recipe, model, images, labels, device, precision, logits_fn=None, batch_size=500):
-    """Accuracy, mean loss and confusion matrix, sharded across ranks and summed exactly."""
+    """Accuracy, mean loss and confusion matrix, sharded across ranks and summed exactly.
+
+    The sums are float32 on the device (MPS has no float64, and older MPS builds no int64
+    index_add_); they are exact for counts below 2**24 and are read once, at the end.
+    """
     logits_fn = logits_fn or recipe.predict_logits
     model.eval()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     start, end = shard(len(labels), rank, world_size)
-    confusion = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_classes = len(CLASSES)
+    sums = torch.zeros(n_classes * n_classes + 1, device=device)  # confusion, then loss sum
     for i in range(start, end, batch_size):
         batch_labels = labels[i:min(i + batch_size, end)]
         inputs = images[i:min(i + batch_size, end)]
         with precision.autocast():
             logits = logits_fn(model, recipe.prepare(inputs) if inputs.dtype == torch.uint8 else inputs)
-        loss_sum += F.cross_entropy(logits.float(), batch_labels, reduction="sum").double()
-        confusion.view(-1).index_add_(0, batch_labels * len(CLASSES) + logits.argmax(1),
-                                      torch.ones_like(batch_labels))
+        sums[-1] += F.cross_entropy(logits.float(), batch_labels, reduction="sum")
+        sums.index_add_(0, batch_labels * n_classes + logits.argmax(1),
+                        torch.ones(len(batch_labels), device=device))
     if dist.is_initialized():
-        dist.all_reduce(confusion)
-        dist.all_reduce(loss_sum)
-    confusion = confusion.cpu()
-    total = int(confusion.sum())
-    per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
+        dist.all_reduce(sums)
+    sums = sums.tolist()  # the one host read; plain Python from here on
+    confusion = [[round(c) for c in sums[r * n_classes:(r + 1) * n_classes]] for r in range(n_classes)]
+    total = sum(map(sum, confusion))
     return {
-        "test_accuracy": float(confusion.diag().sum()) / max(total, 1),
-        "test_loss": float(loss_sum) / max(total, 1),
-        "per_class_accuracy": {name: float(acc) for name, acc in zip(CLASSES, per_class)},
-        "confusion_matrix": confusion.tolist(),
+        "test_accuracy": sum(confusion[c][c] for c in range(n_classes)) / max(total, 1),
+        "test_loss": sums[-1] / max(total, 1),
+        "per_class_accuracy": {name: confusion[c][c] / max(sum(confusion[c]), 1)
+                               for c, name in enumerate(CLASSES)},
+        "confusion_matrix": confusion,
     }
 
 # -----------------------------------------------------------------------------
@@ -684,6 +749,29 @@ def prepare_out_dir(args, script_name):
 # The trainer: one run's state, and how it is saved and restored
 
 
+def zero_momentum_buffers(optimizer):
+    """Start SGD's momentum at zero explicitly. Fused SGD makes the buffers uninitialised
+    on its first step and fills them in the kernel, which a grad scaler skips when that
+    first step overflows (likely at fp16's initial scale): the next step would then read
+    whatever memory held. With dampening 0 (the recipes'), zero is what an unfused
+    first step amounts to."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
+def tensors_in(state):
+    """The tensors in nested dicts and lists, in a fixed order."""
+    if torch.is_tensor(state):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state) for t in tensors_in(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in tensors_in(item)]
+    return []
+
+
 def bare_model(model):
     """The model without DDP's `module.` or torch.compile's `_orig_mod.` wrappers."""
     while True:
@@ -723,7 +811,11 @@ class Trainer:
         self.test_inputs = data["test_images"].to(device)
         self.test_labels = data["test_labels"].to(device)
         self.train_model = model  # what the step runs: may be wrapped, or only a part
-        self.optimizer, self.scheduler = recipe.build_optimizer(model, self.total_steps)
+        self.optimizer, self.scheduler = recipe.build_optimizer(
+            model, self.total_steps, fused=precision.fused_optimizer)
+        if precision.fused_optimizer:
+            zero_momentum_buffers(self.optimizer)
+        self.read_every = steps_per_host_read(device)
         self.data_rng = torch.Generator().manual_seed(args.seed)
         self.epoch_rng_state = self.data_rng.get_state()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -765,33 +857,57 @@ class Trainer:
     # ---- the loop's bookkeeping
 
     def wrap_model(self):
-        """DDP and torch.compile wrap only the module that is trained; checkpoints save the bare one."""
+        """DDP, then torch.compile, wrap only the module that is trained (the order the
+        PyTorch docs give: compiling the DDP module lets gradient communication overlap
+        the backward); checkpoints save the bare one."""
         model = self.train_model
-        if self.args.compile:
-            model = torch.compile(model)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.args.compile:
+            model = torch.compile(model)
         self.train_model = model
+
+    def sync_ranks(self):
+        """Give every rank rank 0's BatchNorm statistics and recipe state (e.g. weight
+        averages of them), so the sharded evaluation scores the model that rank 0 saves."""
+        broadcast_from_rank0(list(bare_model(self.model).buffers()) +
+                             tensors_in(self.recipe.extra_state()))
 
     def reset_sums(self):
         self.sums = {"loss": torch.zeros((), device=self.device),
                      "correct": torch.zeros((), device=self.device), "count": 0, "seconds": 0.0}
 
-    def check_finite(self, step):
-        loss = self.sums["loss"].item()
-        if not math.isfinite(loss):
+    def poll(self, stop):
+        """The loops' one read of device values on the host, every read_every steps.
+
+        Under torchrun the signal flag and a non-finite loss are combined over all ranks in
+        one all_reduce, so every rank leaves at the same step with the same message.
+        Returns this rank's running loss sum as a float.
+        """
+        loss_sum = self.sums["loss"]
+        flags = torch.stack([torch.full((), float(stop.signum), device=self.device),
+                             (~loss_sum.isfinite()).float(), loss_sum.float()])
+        if dist.is_initialized():
+            dist.all_reduce(flags[:2], op=dist.ReduceOp.MAX)
+        signum, diverged, loss_sum = flags.tolist()  # the host read
+        if diverged:
             checkpoint = self.out / "checkpoint.pt"
             kept = f"; the last good checkpoint is {checkpoint}" if checkpoint.exists() else ""
-            raise TrainingDiverged(f"the training loss became {loss} in epoch {self.epoch + 1} "
-                                   f"(step {step + 1}); try a lower --lr than {self.args.lr}{kept}")
+            raise TrainingDiverged(
+                f"the training loss became nan or infinite in epoch {self.epoch + 1} (step "
+                f"{self.step_in_epoch}); try a lower --lr than {self.args.lr}{kept}")
+        if signum:
+            raise Interrupted(int(signum))
+        return loss_sum
 
     def epoch_stats(self):
-        counts = torch.tensor([self.sums["loss"].item(), self.sums["correct"].item(),
-                               self.sums["count"]], dtype=torch.float64, device=self.device)
+        # float32 on the device (MPS has no float64), exact for the counts of any epoch here
+        sums = torch.stack([self.sums["loss"].float(), self.sums["correct"].float(),
+                            torch.full((), float(self.sums["count"]), device=self.device)])
         if dist.is_initialized():
-            dist.all_reduce(counts)
-        loss, correct, count = counts.tolist()
+            dist.all_reduce(sums)
+        loss, correct, count = sums.tolist()
         return {"train_loss": loss / count, "train_accuracy": correct / count,
                 "seconds": self.sums["seconds"], "images": int(count)}
 
@@ -830,7 +946,7 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.precision.scaler.state_dict(), "recipe": self.recipe.extra_state(),
+            "scaler": self.precision.state_dict(), "recipe": self.recipe.extra_state(),
             "rng": {"torch": torch.get_rng_state(), "epoch_data": self.epoch_rng_state},
             "partial_epoch": {"loss": float(sums["loss"]), "correct": float(sums["correct"]),
                               "count": sums["count"], "seconds": sums["seconds"]},
@@ -845,7 +961,7 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
-            self.precision.scaler.load_state_dict(checkpoint["scaler"])
+            self.precision.load_state_dict(checkpoint["scaler"])
             self.recipe.load_extra_state(checkpoint["recipe"])
             self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
             self.global_step = checkpoint["global_step"]
@@ -950,6 +1066,7 @@ def fit(trainer, stop):
         with progress_bar(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
                           desc=f"epoch {trainer.epoch + 1}/{args.epochs}", unit="step") as progress:
             stats = train_one_epoch(trainer, stop, progress)
+        trainer.sync_ranks()  # every rank then evaluates the model that is saved
         result = evaluate(trainer.recipe, trainer.eval_model(), trainer.test_inputs,
                           trainer.test_labels, trainer.device, trainer.precision)
         record = trainer.end_epoch(stats, result["test_accuracy"], time.perf_counter() - wall_start)
@@ -1051,8 +1168,8 @@ def run(parser, argv, recipe_class, trainer_class=make_trainer):
     check_args(args)
     recipe.check_args()
     device = pick_device(args.device)
-    precision = Precision(device, not args.no_amp)
     init_distributed(device)
+    precision = Precision(device, not args.no_amp)  # probes this rank's own device
     try:
         torch.manual_seed(args.seed)
         if args.eval_only or args.predict:
@@ -1086,6 +1203,7 @@ def run(parser, argv, recipe_class, trainer_class=make_trainer):
                 f"Continue with: python {recipe.script} --resume {out / 'checkpoint.pt'}")
             return 0
         recipe.finish_training(trainer.model)
+        trainer.sync_ranks()
         finish(trainer, started)
         trainer.save()
         return 0

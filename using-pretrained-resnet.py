@@ -174,14 +174,15 @@ class ResNetRecipe(common.Recipe):
             module.requires_grad_(False)
         return model
 
-    def build_optimizer(self, model, total_steps):
+    def build_optimizer(self, model, total_steps, fused=False):
         args = self.args
         head = list(model.fc.parameters())
         body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("fc.")]
         groups = [dict(params=head, lr=args.lr * HEAD_LR_SCALE, weight_decay=WEIGHT_DECAY)]
         groups += [dict(params=[p for p in body if p.ndim > 1], lr=args.lr, weight_decay=WEIGHT_DECAY),
                    dict(params=[p for p in body if p.ndim <= 1], lr=args.lr, weight_decay=0.0)]
-        optimizer = torch.optim.SGD([g for g in groups if g["params"]], momentum=0.9, nesterov=True)
+        optimizer = torch.optim.SGD([g for g in groups if g["params"]], momentum=0.9, nesterov=True,
+                                    fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, total_steps))
         return optimizer, scheduler
@@ -231,14 +232,16 @@ class FrozenTrainer(common.Trainer):
         # Every rank makes the same number of passes (a shorter shard's last may be empty),
         # so the stop check, a collective under torchrun, is called equally often on all.
         batches = range(start, start + per_rank, batch_size)
-        for i in common.progress_bar(iterable=batches, desc=f"features of {what}", unit="batch"):
+        for n, i in enumerate(common.progress_bar(iterable=batches, desc=f"features of {what}",
+                                                  unit="batch")):
             batch = images[i:min(i + batch_size, end)]
             if len(batch):
                 if mirror:
                     batch = batch.flip(2)  # NHWC: axis 2 is the width
                 with self.precision.autocast():
                     parts.append(backbone_features(self.model, self.recipe.prepare(batch)).float())
-            self.stop.check(self.device)
+            if (n + 1) % self.read_every == 0:
+                self.poll(self.stop)
         local = torch.cat(parts) if parts else images.new_zeros((0, 512), dtype=torch.float32)
         return common.gather_rows(local, len(images))
 

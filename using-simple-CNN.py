@@ -210,30 +210,34 @@ class CNNRecipe(common.Recipe):
         model.whiten.bias.data.zero_()
         return model
 
-    def build_optimizer(self, model, total_steps):
+    def build_optimizer(self, model, total_steps, fused=False):
         args = self.args
         # Made here, once the model sits on its device, so the averages live there too.
         self.lookahead = None if args.no_lookahead else Lookahead(model)
         norm_biases = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 1
                        and n.startswith("blocks")]
-        others = [p for n, p in model.named_parameters()
-                  if p.requires_grad and not any(p is q for q in norm_biases)]
+        whiten_bias = [model.whiten.bias]
+        others = [p for n, p in model.named_parameters() if p.requires_grad
+                  and not any(p is q for q in norm_biases + whiten_bias)]
         optimizer = torch.optim.SGD([
             dict(params=norm_biases, lr=args.lr * BIAS_LR_SCALE,
                  weight_decay=args.weight_decay / BIAS_LR_SCALE),
+            dict(params=whiten_bias, lr=args.lr, weight_decay=args.weight_decay),
             dict(params=others, lr=args.lr, weight_decay=args.weight_decay),
-        ], momentum=args.momentum, nesterov=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: triangle(step, total_steps))
+        ], momentum=args.momentum, nesterov=True, fused=fused or None)
+        # The whitening layer's bias learns only in the first epochs; after that it stays
+        # fixed, which steadies the inputs every later layer sees. It is fixed by a zero
+        # learning rate rather than requires_grad=False: the set of trained parameters
+        # never changes, which DDP and torch.compile both rely on.
+        bias_steps = WHITEN_BIAS_EPOCHS * total_steps // args.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            lambda step: triangle(step, total_steps),
+            lambda step: triangle(step, total_steps) if step < bias_steps else 0.0,
+            lambda step: triangle(step, total_steps)])
         return optimizer, scheduler
 
     def loss(self, logits, labels):
         return F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
-
-    def on_epoch_start(self, model, epoch):
-        # The whitening layer's bias is learned only at first; after that it is frozen,
-        # which steadies the inputs every later layer sees.
-        model.whiten.bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)
 
     def after_step(self, model, step, total_steps):
         if self.lookahead:
