@@ -208,7 +208,8 @@ def pick_device(name):
         raise UserError("--device mps: Apple MPS is not available here (try --device cpu)")
     if name != "cuda":
         return torch.device(name)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    local_rank = os.environ.get("LOCAL_RANK")
+    device = torch.device("cuda", int(local_rank) if local_rank else torch.cuda.current_device())
     torch.cuda.set_device(device)
     # The shapes never change from step to step, so cuDNN's autotuner pays off at once.
     torch.backends.cudnn.benchmark = True
