@@ -1,0 +1,99 @@
+"""Restructuring guard: today's code trains bit-identically to a reference commit.
+
+The reference scripts are read from git (`git show REFERENCE:path`) and run in this same
+process, side by side with today's, on the same tiny data and CPU: the checkpoint's
+weights and metrics.json (less its timings and flags) must be equal, bit for bit, for
+every way of training and for a stop-and-resume of each. Comparing on the same machine,
+rather than against stored numbers, keeps the check exact on every CPU (AVX2 and
+AVX-512 round differently, and bf16 is chosen only where the CPU has it natively).
+
+Move REFERENCE forward only with a change that alters training on purpose.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CNN_FAST, RESNET_FAST, ROOT
+import common
+
+REFERENCE = "6773970"
+SCRIPTS = {"cnn": "using-simple-CNN.py", "resnet": "using-pretrained-resnet.py"}
+CASES = {
+    "cnn": ("cnn", CNN_FAST + ["--epochs", "3", "--subset", "48"]),
+    "cnn-plain": ("cnn", CNN_FAST + ["--epochs", "2", "--subset", "48", "--pipeline", "plain",
+                                     "--workers", "0"]),
+    "resnet-freeze": ("resnet", RESNET_FAST + ["--epochs", "2", "--freeze"]),
+    "resnet-train-layers": ("resnet", RESNET_FAST + ["--epochs", "2", "--subset", "32",
+                                                     "--train-layers", "1"]),
+    "resnet-full": ("resnet", RESNET_FAST + ["--epochs", "2", "--subset", "32"]),
+}
+TIMINGS = {"seconds", "epoch_seconds", "images_per_second", "train_seconds", "total_seconds",
+           "feature_seconds"}
+
+
+def load_reference(tmp_path_factory):
+    """The reference commit's two scripts, each bound to the reference common.py."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the reference commit cannot be read")
+    folder = tmp_path_factory.mktemp("reference")
+    for name in ["common.py", *SCRIPTS.values()]:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{REFERENCE}:{name}"],
+                              capture_output=True, text=True, check=True).stdout
+        (folder / name).write_text(text)
+    today = sys.modules["common"]
+    try:
+        sys.modules["common"] = load(folder / "common.py", "reference_common")
+        return {key: load(folder / name, f"reference_{key}") for key, name in SCRIPTS.items()}
+    finally:
+        sys.modules["common"] = today  # the reference scripts keep their own common
+
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return load_reference(tmp_path_factory)
+
+
+def outcome(out):
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("args")  # flags may be added or grouped; the model and numbers may not change
+    metrics["epochs"] = [{k: v for k, v in e.items() if k not in TIMINGS} for e in metrics["epochs"]]
+    return checkpoint["model"], {k: v for k, v in metrics.items() if k not in TIMINGS}
+
+
+def train(main, data_dir, out, flags, resume):
+    argv = ["--data-dir", str(data_dir), "--out", str(out), *flags]
+    if not resume:
+        assert main(argv) == 0
+        return out
+    assert main(argv + ["--stop-after", "1"]) == 0
+    assert main(["--resume", str(out / "checkpoint.pt")]) == 0
+    return out
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["straight", "stop-and-resume"])
+@pytest.mark.parametrize("case", CASES)
+def test_trains_bit_identically_to_the_reference(request, reference, image_folders, tmp_path,
+                                                 case, resume):
+    script, flags = CASES[case]
+    today = request.getfixturevalue(script)
+    runs = [outcome(train(main, image_folders, tmp_path / who, flags, resume))
+            for who, main in (("reference", reference[script].main), ("today", today.main))]
+    (old_model, old_metrics), (new_model, new_metrics) = runs
+    assert old_model.keys() == new_model.keys()
+    for key in old_model:
+        assert torch.equal(old_model[key], new_model[key]), key
+    assert old_metrics == new_metrics
+    assert common is sys.modules["common"]
