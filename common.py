@@ -1,9 +1,18 @@
 """Shared library of the two CIFAR-10 training scripts.
 
 A script (using-simple-CNN.py, using-pretrained-resnet.py) holds only its model and its
-recipe; everything else lives here, in data-flow order: constants, errors and signals,
-command line, device and precision, distributed set-up, data, augmentation, train and
-evaluate, checkpoints and metrics, and `run()`, the driver both scripts call.
+recipe (a Recipe subclass); everything else lives here, in the order data flows:
+
+  constants and errors           class names, normalisation, one-line errors, signals
+  command line                   the shared flags in --help groups; resume's flag merge
+  device and precision           CUDA, MPS or CPU; bf16, fp16 or float32, per device
+  distributed                    torchrun: process group, shards, rank 0's state to all
+  data                           CIFAR-10 in either layout, as uint8 tensors
+  augmentation                   each epoch's plan; translate and flip as one gather
+  input sources                  where each step's inputs come from (the one extension point)
+  trainer state and checkpoints  one run's state, saved and restored exactly
+  train and evaluate             the Recipe, train_one_epoch, evaluate, fit, finish
+  entry point                    run(): what both scripts' main() call
 
 The whole dataset is decoded once into a uint8 tensor on the training device and
 augmented there in whole batches: no per-image Python work and no DataLoader workers in
@@ -33,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# Constants
+# Constants and errors
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")  # torchvision's label order
@@ -41,11 +50,12 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
-
-# -----------------------------------------------------------------------------
-# Errors and signals
+CHECKPOINT_FORMAT = 2  # bump when the checkpoint layout changes (2: lookahead as "averager")
+HOST_READ_EVERY = 25   # training steps between host reads of device values on a GPU or MPS
+EVAL_BATCH_SIZE = 500  # test images per evaluation batch
+FEATURE_BATCH_SIZE = 250  # images per batch of a frozen backbone's feature pass
+# Flags that belong to one invocation; --resume takes every other flag from the checkpoint
+PER_RUN_FLAGS = ("resume", "stop_after", "out", "overwrite", "checkpoint", "eval_only", "predict")
 
 
 class UserError(Exception):
@@ -65,7 +75,7 @@ class Interrupted(Exception):
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag that the loops check between steps.
+    """Turns SIGINT/SIGTERM into a flag that the loops read between steps (Trainer.poll).
 
     Stopping between steps (never inside one) keeps model and optimizer consistent,
     so the checkpoint written on the way out resumes exactly.
@@ -89,7 +99,7 @@ class StopFlag:
 
 
 def fail_cleanly(main):
-    """Call main(argv) and turn the user-facing exceptions into one line and an exit code."""
+    """Call main() and turn the user-facing exceptions into one line and an exit code."""
     try:
         return main()
     except UserError as error:
@@ -117,59 +127,80 @@ def positive_float(text):
     return value
 
 
-def make_parser(description, *, epochs, batch_size, lr):
-    """The flags both scripts share; each script passes its own defaults and adds its flags."""
+def make_parser(description, defaults):
+    """The flags both scripts share, in --help groups, with the script's defaults (a dict:
+    epochs, batch_size, lr, momentum, weight_decay, label_smoothing, translate, flip).
+    Returns (parser, recipe group): each script adds its own flags to the latter."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--data-dir", default="./data", metavar="DIR",
-        help="CIFAR-10 location: torchvision's cifar-10-batches-py, or train/<class>/ and "
-             "test/<class>/ image folders; downloaded here if neither (default: %(default)s)")
-    add("--epochs", type=positive_int, default=epochs,
-        help="passes over the training set; the learning-rate schedule spans all of them "
-             "(default: %(default)s)")
-    add("--batch-size", type=positive_int, default=batch_size,
-        help="images per optimizer step, summed over all processes under torchrun "
-             "(default: %(default)s)")
-    add("--lr", type=positive_float, default=lr, help="peak learning rate (default: %(default)s)")
-    add("--seed", type=int, default=0,
-        help="seed for initialisation, data order and augmentation (default: %(default)s)")
-    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-        help="where to train; auto picks CUDA, then Apple MPS, then the CPU (default: %(default)s)")
-    add("--no-amp", action="store_true",
-        help="train in float32; by default bf16 autocast is used where the device has it, "
-             "else fp16 with a grad scaler on GPUs (default: off)")
-    add("--pipeline", choices=("batched", "plain"), default="batched",
-        help="how training batches are made: batched augments whole batches of the dataset "
-             "held on the device; plain crops, flips, resizes and normalises one PIL image at "
-             "a time in DataLoader worker processes and feeds NCHW tensors, the textbook way, "
-             "for speed comparisons (same augmentation either way) (default: %(default)s)")
-    add("--workers", type=int, default=2, metavar="N",
-        help="DataLoader worker processes for --pipeline plain; 0 makes the batches in the "
-             "training process (default: %(default)s)")
-    add("--compile", action="store_true",
-        help="torch.compile the model: slower start, faster steps on GPUs (default: off)")
-    add("--subset", type=positive_int, default=None, metavar="N",
-        help="use only N training and at most N test images, for quick runs (default: all)")
-    add("--out", default=None, metavar="DIR",
-        help="where checkpoint.pt and metrics.json go (default: runs/<script>-<timestamp>, "
-             "or the resumed checkpoint's directory with --resume)")
-    add("--overwrite", action="store_true",
-        help="allow --out to be the directory of an earlier finished run (default: off)")
-    add("--resume", default=None, metavar="CKPT",
-        help="continue the run saved in CKPT exactly where it stopped (default: none)")
-    add("--stop-after", type=positive_int, default=None, metavar="K",
-        help="end cleanly after epoch K of the planned --epochs, to continue later with "
-             "--resume (default: run all epochs)")
-    add("--checkpoint", default=None, metavar="CKPT",
-        help="a trained checkpoint, for --eval-only and --predict (default: none)")
-    add("--eval-only", action="store_true",
-        help="with --checkpoint: evaluate on the test split, write metrics, no training "
-             "(default: off)")
-    add("--predict", nargs="+", default=None, metavar="IMAGE",
-        help="with --checkpoint: print each image's top classes with probabilities; any "
-             "size is resized to 32x32 (default: none)")
-    return parser
+    data = parser.add_argument_group("data").add_argument
+    data("--data-dir", default="./data", metavar="DIR",
+         help="CIFAR-10 location: torchvision's cifar-10-batches-py, or train/<class>/ and "
+              "test/<class>/ image folders; downloaded here if neither (default: %(default)s)")
+    data("--subset", type=positive_int, default=None, metavar="N",
+         help="use only N training and at most N test images, for quick runs (default: all)")
+    data("--translate", type=int, default=defaults["translate"], metavar="PX",
+         help="random shift of each training image, in pixels, reflecting at the border "
+              "(default: %(default)s)")
+    data("--flip", choices=("alternate", "random", "none"), default=defaults["flip"],
+         help="horizontal flips: each image every other epoch, coin flips, or none "
+              "(default: %(default)s)")
+    data("--pipeline", choices=("batched", "plain"), default="batched",
+         help="how training batches are made: batched augments whole batches of the dataset "
+              "held on the device; plain crops, flips, resizes and normalises one PIL image at "
+              "a time in DataLoader worker processes and feeds NCHW tensors, the textbook way, "
+              "for speed comparisons (same augmentation either way) (default: %(default)s)")
+    data("--workers", type=int, default=2, metavar="N",
+         help="DataLoader worker processes for --pipeline plain; 0 makes the batches in the "
+              "training process (default: %(default)s)")
+    schedule = parser.add_argument_group("schedule").add_argument
+    schedule("--epochs", type=positive_int, default=defaults["epochs"],
+             help="passes over the training set; the learning-rate schedule spans all of them "
+                  "(default: %(default)s)")
+    schedule("--batch-size", type=positive_int, default=defaults["batch_size"],
+             help="images per optimizer step, summed over all processes under torchrun "
+                  "(default: %(default)s)")
+    schedule("--lr", type=positive_float, default=defaults["lr"],
+             help="peak learning rate (default: %(default)s)")
+    schedule("--momentum", type=float, default=defaults["momentum"],
+             help="Nesterov momentum of SGD (default: %(default)s)")
+    schedule("--weight-decay", type=float, default=defaults["weight_decay"],
+             help="SGD weight decay (default: %(default)s)")
+    schedule("--label-smoothing", type=float, default=defaults["label_smoothing"],
+             help="weight moved from the true class to the others (default: %(default)s)")
+    schedule("--seed", type=int, default=0,
+             help="seed for initialisation, data order and augmentation (default: %(default)s)")
+    device = parser.add_argument_group("device and precision").add_argument
+    device("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+           help="where to train; auto picks CUDA, then Apple MPS, then the CPU "
+                "(default: %(default)s)")
+    device("--no-amp", action="store_true",
+           help="train in float32; by default autocast runs bf16 where the device has it "
+                "natively, fp16 with a grad scaler on older GPUs and MPS (default: off)")
+    device("--compile", action="store_true",
+           help="torch.compile the model: slower start, faster steps on GPUs (default: off)")
+    output = parser.add_argument_group("output and resume").add_argument
+    output("--out", default=None, metavar="DIR",
+           help="where checkpoint.pt and metrics.json go (default: runs/<script>-<timestamp>, "
+                "or the resumed checkpoint's directory with --resume)")
+    output("--overwrite", action="store_true",
+           help="allow --out to be the directory of an earlier finished run (default: off)")
+    output("--resume", default=None, metavar="CKPT",
+           help="continue the run saved in CKPT exactly where it stopped; flags not given "
+                "again are taken from it (default: none)")
+    output("--stop-after", type=positive_int, default=None, metavar="K",
+           help="end cleanly after epoch K of the planned --epochs, to continue later with "
+                "--resume (default: run all epochs)")
+    inference = parser.add_argument_group("inference").add_argument
+    inference("--checkpoint", default=None, metavar="CKPT",
+              help="a trained checkpoint, for --eval-only and --predict (default: none)")
+    inference("--eval-only", action="store_true",
+              help="with --checkpoint: evaluate on the test split, write metrics, no training "
+                   "(default: off)")
+    inference("--predict", nargs="+", default=None, metavar="IMAGE",
+              help="with --checkpoint: print each image's top classes with probabilities; any "
+                   "size is resized to 32x32 (default: none)")
+    return parser, parser.add_argument_group("recipe")
 
 
 def check_args(args):
@@ -185,12 +216,41 @@ def check_args(args):
         raise UserError(f"--stop-after {args.stop_after} is beyond --epochs {args.epochs}")
     if args.workers < 0:
         raise UserError(f"--workers {args.workers} must be 0 or more")
+    if not 0 <= args.translate <= 8:
+        raise UserError(f"--translate {args.translate}: expected 0 to 8 pixels")
+    if not 0 <= args.label_smoothing < 1:
+        raise UserError("--label-smoothing must be in [0, 1)")
+
+
+def flags_given(parser, argv):
+    """The flags (as argparse destinations) that argv writes out, whatever their values."""
+    not_given = object()
+    probe = copy.deepcopy(parser)
+    probe.set_defaults(**{name: not_given for name in vars(parser.parse_args([]))})
+    return {name for name, value in vars(probe.parse_args(argv)).items() if value is not not_given}
+
+
+def resume_args(args, given, saved):
+    """--resume: every flag not given again and not per-run takes the checkpoint's value."""
+    for name, value in saved.items():
+        if name not in given and name not in PER_RUN_FLAGS and hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
+def parse_args(parser, argv, recipe_name):
+    """Parse argv; with --resume, flags not given again are taken from the checkpoint."""
+    args = parser.parse_args(argv)
+    if not args.resume:
+        return args, None
+    checkpoint = load_checkpoint(args.resume, recipe_name)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{args.resume} was written by an older version of this script; it can "
+                        f"still be used with --checkpoint, but not resumed")
+    return resume_args(args, flags_given(parser, argv), checkpoint["args"]), checkpoint
 
 # -----------------------------------------------------------------------------
 # Device and precision
-
-
-HOST_READ_EVERY = 25  # training steps between host reads of device values on a GPU or MPS
 
 
 def pick_device(name):
@@ -307,12 +367,41 @@ class Precision:
 
 
 def init_distributed(device):
-    """Join the torchrun process group if launched by torchrun; returns (rank, world_size)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1
-    if not dist.is_initialized():  # pick_device has already made this rank's GPU current
+    """Join the torchrun process group if launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        # pick_device has already made this rank's GPU current
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_and_world_size():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main_process():
+    return rank_and_world_size()[0] == 0
+
+
+def log(*parts):
+    if is_main_process():
+        print(*parts, flush=True)
+
+
+def shard(n, rank, world_size):
+    """The rows [start, end) of n that a rank owns; the last shards may be shorter."""
+    per_rank = -(-n // world_size)
+    return min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
+
+
+def gather_rows(local, n):
+    """Concatenate every rank's `local` rows (from shard()) into the full n rows, on all ranks."""
+    if not dist.is_initialized():
+        return local
+    per_rank, world_size = -(-n // dist.get_world_size()), dist.get_world_size()
+    padded = local.new_zeros((per_rank,) + tuple(local.shape[1:]))
+    padded[:len(local)] = local
+    gathered = local.new_empty((per_rank * world_size,) + tuple(local.shape[1:]))
+    dist.all_gather_into_tensor(gathered, padded)
+    return gathered[:n]
 
 
 def broadcast_from_rank0(tensors):
@@ -322,38 +411,6 @@ def broadcast_from_rank0(tensors):
     if dist.is_initialized():
         for tensor in tensors:
             dist.broadcast(tensor, src=0)
-
-
-def is_main_process():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def log(*parts):
-    if is_main_process():
-        print(*parts, flush=True)
-
-
-def rows_per_rank(n, world_size):
-    """How many of n rows each rank owns at most (the last shards may be shorter)."""
-    return -(-n // world_size)
-
-
-def shard(n, rank, world_size):
-    """The rows [start, end) of n that a rank owns; the last shards may be shorter."""
-    per_rank = rows_per_rank(n, world_size)
-    return min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
-
-
-def gather_rows(local, n):
-    """Concatenate every rank's `local` rows (from shard()) into the full n rows, on all ranks."""
-    if not dist.is_initialized():
-        return local
-    per_rank = rows_per_rank(n, dist.get_world_size())
-    padded = local.new_zeros((per_rank,) + tuple(local.shape[1:]))
-    padded[:len(local)] = local
-    gathered = local.new_empty((per_rank * dist.get_world_size(),) + tuple(local.shape[1:]))
-    dist.all_gather_into_tensor(gathered, padded)
-    return gathered[:n]
 
 # -----------------------------------------------------------------------------
 # Data
@@ -499,6 +556,7 @@ class EpochPlan:
     """
 
     def __init__(self, n, generator, translate, flip, epoch, flip_seed):
+        self.translate = translate  # pixels of shift at most
         self.order = torch.randperm(n, generator=generator)
         self.shifts = torch.randint(-translate, translate + 1, (n, 2), generator=generator)
         if flip == "random":
@@ -529,142 +587,355 @@ def crop_flip(images, shifts, flips):
     return images[batch, rows[:, :, None], cols[:, None, :]]
 
 # -----------------------------------------------------------------------------
-# Train and evaluate
+# Input sources: where each training step's inputs come from
+#
+# A source names the module that trains (train_module) and the one evaluated
+# (eval_module); batches() makes the inputs of the steps it is given; test_inputs and
+# test_input() are the evaluation's inputs and what turns a slice of them into the
+# evaluated module's input; setup() is any work before the first epoch. Adding a way of
+# feeding the model means adding a source and one line to make_input_source.
 
 
-class Recipe:
-    """What a script supplies. Defaults suit a plain image classifier; scripts override.
+def make_input_source(args, recipe, model, data, device, precision):
+    """The one place that picks where training inputs come from."""
+    frozen = recipe.frozen_parts(model)
+    if frozen is not None:
+        return CachedFeatures(recipe, model, data, precision, *frozen)
+    if args.pipeline == "plain":
+        return PlainBatches(recipe, model, data, args.workers, device)
+    return DeviceBatches(recipe, model, data)
 
-    name: identifies the script's checkpoints. mean/std: input normalisation.
-    translate/flip: augmentation (pixels of shift; "random", "alternate" or "none").
-    """
 
-    name = "model"
-    script = "train.py"
-    architecture_flags = ()  # flags that shape the model: read back from checkpoints
-    mean, std = CIFAR10_MEAN, CIFAR10_STD
-    translate, flip = 4, "random"
-    input_size = 32  # side of the model's input images, after any resize
+class DeviceBatches:
+    """The default: the uint8 dataset on the device, augmented there in whole batches."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, recipe, model, data):
+        self.recipe, self.train_images = recipe, data["train_images"]
+        self.train_module = self.eval_module = model
+        self.test_inputs, self.test_input = data["test_images"], recipe.model_input
 
-    def check_args(self):
-        """The script's own flag checks; raise UserError."""
-
-    def build_model(self, train_images=None):
-        raise NotImplementedError
-
-    def build_optimizer(self, model, total_steps, fused=False):
-        """Returns (optimizer, scheduler stepped once per batch); fused: use the fused
-        optimizer kernels (see Precision.fused_optimizer)."""
-        raise NotImplementedError
-
-    def loss(self, logits, labels):
-        return F.cross_entropy(logits, labels)
-
-    def prepare(self, images_uint8):
-        """A uint8 NHWC batch on the device -> the model's float input."""
-        return to_float(images_uint8, self.mean, self.std)
-
-    def set_train_mode(self, model):
-        model.train()
-
-    def on_epoch_start(self, model, epoch):
-        """Hook for per-epoch changes (e.g. freezing a layer after a few epochs)."""
-
-    def after_step(self, model, step, total_steps):
-        """Hook after each optimizer step (e.g. weight averaging)."""
-
-    def finish_training(self, model):
-        """Hook after the last step (e.g. copy averaged weights into the model)."""
-
-    def extra_state(self):
-        """State of the hooks above, saved in checkpoints (tensors and primitives only)."""
-        return {}
-
-    def load_extra_state(self, state):
+    def setup(self, poll):
         pass
 
-    def predict_logits(self, model, inputs):
-        """Logits for evaluation and --predict; override for test-time augmentation."""
-        return model(inputs)
+    def batches(self, steps, plan):
+        """(step, image indices, model input) for each (step, image indices) in steps."""
+        for step, idx in steps:
+            images = crop_flip(self.train_images[idx], plan.shifts[idx], plan.flips[idx])
+            yield step, idx, self.recipe.model_input(images)
 
-    def final_predict_logits(self, model, inputs):
-        """Logits for the final evaluation of a run (default: same as every epoch)."""
-        return self.predict_logits(model, inputs)
+    def metrics(self):
+        return {}
 
 
-def train_one_epoch(trainer, stop, progress):
-    """Train the rest of the current epoch, following trainer.plan; returns its statistics.
+class PlainImages(torch.utils.data.Dataset):
+    """The textbook input pipeline, one PIL image at a time.
 
-    The running sums live on the trainer, so an epoch interrupted mid-way is saved and
-    resumed with the same statistics it would have had uninterrupted.
+    Applies the epoch plan's shift and flip of each image (so both pipelines train on
+    the same pixels), resizes to the model's input size and normalises, in the process
+    that asks: DataLoader workers, when there are some.
     """
-    t, recipe = trainer, trainer.recipe
-    recipe.set_train_mode(t.model)
-    started = time.perf_counter()  # each step's time includes waiting for its batch
-    for step, idx, inputs in t.batches():
-        labels = t.train_labels[idx]
-        with t.precision.autocast():
-            logits = t.train_model(inputs)
-            loss = recipe.loss(logits, labels)
-        t.optimizer.zero_grad(set_to_none=True)
-        t.precision.scaler.scale(loss).backward()
-        t.precision.scaler.step(t.optimizer)
-        t.precision.scaler.update()
-        t.scheduler.step()
-        t.global_step += 1
-        recipe.after_step(t.model, t.global_step, t.total_steps)
-        t.sums["loss"] += loss.detach().float() * len(idx)
-        t.sums["correct"] += (logits.detach().argmax(1) == labels).sum()
-        t.sums["count"] += len(idx)
-        t.sums["seconds"] += time.perf_counter() - started
-        t.step_in_epoch = step + 1
-        if t.step_in_epoch % t.read_every == 0 or t.step_in_epoch == t.steps_per_epoch:
-            loss_sum = t.poll(stop)
-            progress.set_postfix(loss=f"{loss_sum / t.sums['count']:.3f}", refresh=False)
-        progress.update(1)
+
+    def __init__(self, images, plan, recipe):
+        self.images, self.shifts, self.flips = images, plan.shifts.cpu(), plan.flips.cpu()
+        self.pad, self.size = plan.translate, recipe.input_size
+        self.mean, self.std = recipe.mean, recipe.std
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        import torchvision.transforms.functional as TF
+        from PIL import Image
+
+        image = Image.fromarray(self.images[i].numpy())
+        if self.flips[i]:  # mirror, then shift: the order crop_flip's gather has
+            image = TF.hflip(image)
+        if self.pad:
+            dy, dx = self.shifts[i].tolist()
+            image = TF.pad(image, self.pad, padding_mode="reflect")
+            image = TF.crop(image, self.pad + dy, self.pad + dx, 32, 32)
+        if self.size != 32:
+            image = TF.resize(image, [self.size, self.size], TF.InterpolationMode.BILINEAR)
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+
+
+class PlainBatches(DeviceBatches):
+    """--pipeline plain: a DataLoader over PlainImages, fed to the model as NCHW tensors.
+
+    The steps, the augmentation and the data order are the batched pipeline's; only where
+    and how the input tensors are made differs. A new loader is made each epoch (its
+    workers start again), as in most training scripts.
+    """
+
+    def __init__(self, recipe, model, data, workers, device):
+        super().__init__(recipe, model.to(memory_format=torch.contiguous_format), data)
+        self.cpu_images, self.workers, self.device = data["train_images"].cpu(), workers, device
+
+    def batches(self, steps, plan):
+        steps = list(steps)
+        loader = torch.utils.data.DataLoader(
+            PlainImages(self.cpu_images, plan, self.recipe),
+            batch_sampler=[idx.tolist() for _, idx in steps],
+            num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        for (step, idx), inputs in zip(steps, loader):
+            yield step, idx, inputs.to(self.device, non_blocking=True)
+
+
+class CachedFeatures:
+    """A frozen backbone's features, computed once; only the head trains, on them.
+
+    The training images pass through the backbone twice, as they are and mirrored; each
+    epoch picks one of the two per image, which is the flip augmentation (random shifts
+    would need a pass per shift, so there are none). After that pass every epoch costs
+    only the head.
+    """
+
+    def __init__(self, recipe, model, data, precision, backbone, head):
+        self.recipe, self.model, self.precision = recipe, model, precision
+        self.backbone = backbone  # model input -> the head's input
+        self.train_images, self.test_images = data["train_images"], data["test_images"]
+        self.train_module = self.eval_module = head
+        self.test_inputs, self.test_input = None, lambda features: features  # see setup()
+        self.feature_seconds = 0.0
+
+    def setup(self, poll):
         started = time.perf_counter()
-    return t.epoch_stats()
+        log(f"computing the frozen backbone's features of {len(self.train_images)} training "
+            f"images, their mirror images and {len(self.test_images)} test images at "
+            f"{self.recipe.input_size} px; this pass is most of the run")
+        self.train_features = self.features(self.train_images, "training images", poll)
+        self.mirrored_features = self.features(self.train_images, "mirror images", poll, mirror=True)
+        self.test_inputs = self.features(self.test_images, "test images", poll)
+        self.feature_seconds = time.perf_counter() - started
+        log(f"computed the frozen backbone's features of {2 * len(self.train_features)} "
+            f"training and {len(self.test_inputs)} test images in {self.feature_seconds:.1f} s")
 
+    @torch.no_grad()
+    def features(self, images, what, poll, mirror=False):
+        """Features of images (uint8 NHWC): this rank's shard, gathered on all ranks."""
+        self.model.eval()
+        rank, world_size = rank_and_world_size()
+        start, end = shard(len(images), rank, world_size)
+        per_rank, read_every = -(-len(images) // world_size), steps_per_host_read(images.device)
+        parts = []
+        # Every rank makes the same number of passes (a shorter shard's last may be empty),
+        # so poll(), a collective under torchrun, is called equally often on all.
+        batches = range(start, start + per_rank, FEATURE_BATCH_SIZE)
+        for n, i in enumerate(progress_bar(iterable=batches, desc=f"features of {what}",
+                                           unit="batch")):
+            batch = images[i:min(i + FEATURE_BATCH_SIZE, end)]
+            if len(batch):
+                if mirror:
+                    batch = batch.flip(2)  # NHWC: axis 2 is the width
+                with self.precision.autocast():
+                    parts.append(self.backbone(self.recipe.model_input(batch)).float())
+            if (n + 1) % read_every == 0:
+                poll()
+        empty = images.new_zeros((0, self.train_module.in_features), dtype=torch.float32)
+        return gather_rows(torch.cat(parts) if parts else empty, len(images))
 
-@torch.no_grad()
-def evaluate(recipe, model, images, labels, device, precision, logits_fn=None, batch_size=500):
-    """Accuracy, mean loss and confusion matrix, sharded across ranks and summed exactly.
+    def batches(self, steps, plan):
+        for step, idx in steps:
+            flips = plan.flips[idx, None]
+            yield step, idx, torch.where(flips, self.mirrored_features[idx], self.train_features[idx])
 
-    The sums are float32 on the device (MPS has no float64, and older MPS builds no int64
-    index_add_); they are exact for counts below 2**24 and are read once, at the end.
-    """
-    logits_fn = logits_fn or recipe.predict_logits
-    model.eval()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    start, end = shard(len(labels), rank, world_size)
-    n_classes = len(CLASSES)
-    sums = torch.zeros(n_classes * n_classes + 1, device=device)  # confusion, then loss sum
-    for i in range(start, end, batch_size):
-        batch_labels = labels[i:min(i + batch_size, end)]
-        inputs = images[i:min(i + batch_size, end)]
-        with precision.autocast():
-            logits = logits_fn(model, recipe.prepare(inputs) if inputs.dtype == torch.uint8 else inputs)
-        sums[-1] += F.cross_entropy(logits.float(), batch_labels, reduction="sum")
-        sums.index_add_(0, batch_labels * n_classes + logits.argmax(1),
-                        torch.ones(len(batch_labels), device=device))
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    sums = sums.tolist()  # the one host read; plain Python from here on
-    confusion = [[round(c) for c in sums[r * n_classes:(r + 1) * n_classes]] for r in range(n_classes)]
-    total = sum(map(sum, confusion))
-    return {
-        "test_accuracy": sum(confusion[c][c] for c in range(n_classes)) / max(total, 1),
-        "test_loss": sums[-1] / max(total, 1),
-        "per_class_accuracy": {name: confusion[c][c] / max(sum(confusion[c]), 1)
-                               for c, name in enumerate(CLASSES)},
-        "confusion_matrix": confusion,
-    }
+    def metrics(self):
+        return {"feature_seconds": self.feature_seconds}
 
 # -----------------------------------------------------------------------------
-# Checkpoints and metrics
+# Trainer state and checkpoints
+
+
+class Trainer:
+    """One training run's state: model, optimizer, schedule, weight averages, data order
+    and progress. The loops (train_one_epoch, fit) read and update it; state_dict() and
+    load_state_dict() capture all of it, so a resumed run continues exactly.
+    """
+
+    def __init__(self, args, recipe, model, source, data, device, precision, out):
+        self.args, self.recipe, self.model, self.source = args, recipe, model, source
+        self.device, self.precision, self.out = device, precision, out
+        self.rank, self.world_size = rank_and_world_size()
+        n = len(data["train_labels"])
+        self.batch_size = min(args.batch_size, n - n % self.world_size)
+        if self.batch_size % self.world_size:
+            raise UserError(f"--batch-size {args.batch_size} must be a multiple of the "
+                            f"{self.world_size} torchrun processes")
+        if self.batch_size // self.world_size < 2:
+            short = "--subset" if n < 2 * self.world_size else "--batch-size"
+            raise UserError(f"each step would give a process {self.batch_size // self.world_size} "
+                            f"image, too few for BatchNorm (it needs 2 or more): raise {short}")
+        self.steps_per_epoch = n // self.batch_size  # the last partial batch is dropped
+        self.total_steps = self.steps_per_epoch * args.epochs
+        self.train_labels, self.test_labels = data["train_labels"], data["test_labels"]
+        self.train_module = source.train_module  # what the step runs; wrap() may wrap it
+        self.optimizer, self.scheduler = recipe.build_optimizer(
+            model, self.total_steps, fused=precision.fused_optimizer)
+        if precision.fused_optimizer:
+            zero_momentum_buffers(self.optimizer)
+        self.averager = recipe.build_averager(model)
+        self.read_every = steps_per_host_read(device)
+        self.data_rng = torch.Generator().manual_seed(args.seed)
+        self.epoch_rng_state = self.data_rng.get_state()
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history, self.train_seconds, self.images_seen = [], 0.0, 0
+        self.plan = None
+        self.reset_sums()
+
+    def wrap(self):
+        """DDP, then torch.compile, wrap only the module that trains (the order the PyTorch
+        docs give: compiling the DDP module lets gradient communication overlap the
+        backward); checkpoints save the bare model."""
+        module = self.train_module
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        if self.args.compile:
+            module = torch.compile(module)
+        self.train_module = module
+
+    def start_epoch(self):
+        """Draw this epoch's data order and augmentation (from the saved state on resume)."""
+        self.data_rng.set_state(self.epoch_rng_state)
+        plan = EpochPlan(len(self.train_labels), self.data_rng, self.args.translate,
+                         self.args.flip, self.epoch, self.args.seed + 1)
+        plan.order, plan.shifts, plan.flips = (x.to(self.device) for x in
+                                               (plan.order, plan.shifts, plan.flips))
+        self.plan = plan
+
+    def steps_left(self):
+        """(step, this rank's image indices) for the steps left in the epoch."""
+        local = self.batch_size // self.world_size
+        for step in range(self.step_in_epoch, self.steps_per_epoch):
+            idx = self.plan.order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield step, idx[self.rank * local:(self.rank + 1) * local]
+
+    def poll(self, stop):
+        """The loops' one read of device values on the host, every read_every steps.
+
+        Under torchrun the signal flag and a non-finite loss are combined over all ranks in
+        one all_reduce, so every rank leaves at the same step with the same message.
+        Returns this rank's running loss sum as a float.
+        """
+        loss_sum = self.sums["loss"]
+        flags = torch.stack([torch.full((), float(stop.signum), device=self.device),
+                             (~loss_sum.isfinite()).float(), loss_sum.float()])
+        if dist.is_initialized():
+            dist.all_reduce(flags[:2], op=dist.ReduceOp.MAX)
+        signum, diverged, loss_sum = flags.tolist()  # the host read
+        if diverged:
+            checkpoint = self.out / "checkpoint.pt"
+            kept = f"; the last good checkpoint is {checkpoint}" if checkpoint.exists() else ""
+            raise TrainingDiverged(
+                f"the training loss became nan or infinite in epoch {self.epoch + 1} (step "
+                f"{self.step_in_epoch}); try a lower --lr than {self.args.lr}{kept}")
+        if signum:
+            raise Interrupted(int(signum))
+        return loss_sum
+
+    def reset_sums(self):
+        self.sums = {"loss": torch.zeros((), device=self.device),
+                     "correct": torch.zeros((), device=self.device), "count": 0, "seconds": 0.0}
+
+    def epoch_stats(self):
+        # float32 on the device (MPS has no float64), exact for the counts of any epoch here
+        sums = torch.stack([self.sums["loss"].float(), self.sums["correct"].float(),
+                            torch.full((), float(self.sums["count"]), device=self.device)])
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        loss, correct, count = sums.tolist()
+        return {"train_loss": loss / count, "train_accuracy": correct / count,
+                "seconds": self.sums["seconds"], "images": int(count)}
+
+    def end_epoch(self, stats, test_accuracy, wall_seconds):
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_rng_state = self.data_rng.get_state()
+        self.train_seconds += stats["seconds"]
+        self.images_seen += stats["images"]
+        previous = self.history[-1]["seconds"] if self.history else 0.0
+        record = {"epoch": self.epoch, "train_loss": stats["train_loss"],
+                  "train_accuracy": stats["train_accuracy"], "test_accuracy": test_accuracy,
+                  "seconds": previous + wall_seconds, "epoch_seconds": wall_seconds,
+                  "images_per_second": stats["images"] / max(stats["seconds"], 1e-9)}
+        self.history.append(record)
+        self.reset_sums()
+        return record
+
+    def sync_ranks(self):
+        """Give every rank rank 0's BatchNorm statistics and weight averages, so the sharded
+        evaluation scores the model that rank 0 saves."""
+        averaged = tensors_in(self.averager.state_dict()) if self.averager else []
+        broadcast_from_rank0(list(self.model.buffers()) + averaged)
+
+    def state_dict(self):
+        sums = self.sums
+        return {
+            "format": CHECKPOINT_FORMAT, "script": self.recipe.name,
+            "model": self.model.state_dict(), "args": plain_args(self.args),
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.state_dict(),
+            "averager": self.averager.state_dict() if self.averager else None,
+            "rng": {"torch": torch.get_rng_state(), "epoch_data": self.epoch_rng_state},
+            "partial_epoch": {"loss": float(sums["loss"]), "correct": float(sums["correct"]),
+                              "count": sums["count"], "seconds": sums["seconds"]},
+            "history": self.history, "train_seconds": self.train_seconds,
+            "images_seen": self.images_seen,
+            "best_accuracy": max([e["test_accuracy"] for e in self.history], default=0.0),
+            "classes": list(CLASSES), "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, checkpoint, path):
+        load_model_state(self.model, checkpoint["model"], path)
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.precision.load_state_dict(checkpoint["scaler"])
+            if self.averager:
+                self.averager.load_state_dict(checkpoint["averager"])
+            self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
+            self.global_step = checkpoint["global_step"]
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            self.epoch_rng_state = checkpoint["rng"]["epoch_data"]
+            partial = checkpoint["partial_epoch"]
+            self.history = list(checkpoint["history"])
+            self.train_seconds = checkpoint["train_seconds"]
+            self.images_seen = checkpoint["images_seen"]
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise UserError(f"{path} cannot be resumed with these flags ({error})") from None
+        self.sums = {"loss": torch.tensor(partial["loss"], device=self.device),
+                     "correct": torch.tensor(partial["correct"], device=self.device),
+                     "count": partial["count"], "seconds": partial["seconds"]}
+
+    def save(self):
+        if is_main_process():
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_atomically(self.state_dict(), self.out / "checkpoint.pt", torch.save)
+
+
+def zero_momentum_buffers(optimizer):
+    """Start SGD's momentum at zero explicitly. Fused SGD makes the buffers uninitialised
+    on its first step and fills them in the kernel, which a grad scaler skips when that
+    first step overflows (likely at fp16's initial scale): the next step would then read
+    whatever memory held. With dampening 0 (the recipes'), zero is what an unfused
+    first step amounts to."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
+def tensors_in(state):
+    """The tensors in nested dicts and lists, in a fixed order."""
+    if torch.is_tensor(state):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state) for t in tensors_in(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in tensors_in(item)]
+    return []
 
 
 def load_checkpoint_file(path, what="checkpoint"):
@@ -746,303 +1017,177 @@ def prepare_out_dir(args, script_name):
                         f"pass --overwrite to replace it, or --resume {out / 'checkpoint.pt'}")
     return out
 
+
 # -----------------------------------------------------------------------------
-# The trainer: one run's state, and how it is saved and restored
+# Train and evaluate
 
 
-def zero_momentum_buffers(optimizer):
-    """Start SGD's momentum at zero explicitly. Fused SGD makes the buffers uninitialised
-    on its first step and fills them in the kernel, which a grad scaler skips when that
-    first step overflows (likely at fp16's initial scale): the next step would then read
-    whatever memory held. With dampening 0 (the recipes'), zero is what an unfused
-    first step amounts to."""
-    for group in optimizer.param_groups:
-        if group["momentum"]:
-            for p in group["params"]:
-                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+class Recipe:
+    """What a script supplies: its model, optimizer, loss and inference.
 
-
-def tensors_in(state):
-    """The tensors in nested dicts and lists, in a fixed order."""
-    if torch.is_tensor(state):
-        return [state]
-    if isinstance(state, dict):
-        return [t for key in sorted(state) for t in tensors_in(state[key])]
-    if isinstance(state, (list, tuple)):
-        return [t for item in state for t in tensors_in(item)]
-    return []
-
-
-def bare_model(model):
-    """The model without DDP's `module.` or torch.compile's `_orig_mod.` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-class Trainer:
-    """One training run: model, optimizer, data, progress, and the checkpoint of them.
-
-    The epoch loop (fit) and step loop (train_one_epoch) read and update this state;
-    state_dict()/load_state_dict() capture all of it, so a resumed run continues exactly.
+    name identifies the script's checkpoints; architecture_flags are the flags that shape
+    the model (read back from a checkpoint for --eval-only and --predict); mean and std
+    normalise the input; input_size is the side of the model's input images.
     """
 
-    def __init__(self, args, recipe, model, data, device, precision, out):
-        self.args, self.recipe, self.model = args, recipe, model
-        self.device, self.precision, self.out = device, precision, out
-        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) \
-            if dist.is_initialized() else (0, 1)
-        n = len(data["train_labels"])
-        self.batch_size = min(args.batch_size, n - n % self.world_size)
-        if self.batch_size % self.world_size:
-            raise UserError(f"--batch-size {args.batch_size} must be a multiple of the "
-                            f"{self.world_size} torchrun processes")
-        if self.batch_size // self.world_size < 2:
-            short = "--subset" if n < 2 * self.world_size else "--batch-size"
-            raise UserError(f"each step would give a process {self.batch_size // self.world_size} "
-                            f"image, too few for BatchNorm (it needs 2 or more): raise {short}")
-        self.steps_per_epoch = n // self.batch_size  # the last partial batch is dropped
-        self.total_steps = self.steps_per_epoch * args.epochs
-        self.train_images = data["train_images"].to(device)
-        self.train_labels = data["train_labels"].to(device)
-        self.test_inputs = data["test_images"].to(device)
-        self.test_labels = data["test_labels"].to(device)
-        self.train_model = model  # what the step runs: may be wrapped, or only a part
-        self.optimizer, self.scheduler = recipe.build_optimizer(
-            model, self.total_steps, fused=precision.fused_optimizer)
-        if precision.fused_optimizer:
-            zero_momentum_buffers(self.optimizer)
-        self.read_every = steps_per_host_read(device)
-        self.data_rng = torch.Generator().manual_seed(args.seed)
-        self.epoch_rng_state = self.data_rng.get_state()
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.history, self.train_seconds, self.images_seen = [], 0.0, 0
-        self.plan = None
-        self.reset_sums()
+    name = "model"
+    script = "train.py"
+    architecture_flags = ()
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
+    input_size = 32
 
-    # ---- hooks a specialised trainer overrides (see the frozen ResNet)
+    def __init__(self, args):
+        self.args = args
 
-    def prepare(self):
-        """Work before the first epoch (e.g. a frozen backbone's feature pass)."""
+    def check_args(self):
+        """The script's own flag checks; raise UserError. They never change args."""
 
-    def step_indices(self, step):
-        """This rank's share of the training images of one step of the epoch."""
-        local = self.batch_size // self.world_size
-        idx = self.plan.order[step * self.batch_size:(step + 1) * self.batch_size]
-        return idx[self.rank * local:(self.rank + 1) * local]
+    def build_model(self, train_images=None):
+        """The model; train_images (uint8, on the device) is None when a checkpoint's
+        weights will replace the initial ones."""
+        raise NotImplementedError
 
-    def batches(self):
-        """(step, image indices, model input) for the steps left in the epoch."""
-        for step in range(self.step_in_epoch, self.steps_per_epoch):
-            idx = self.step_indices(step)
-            yield step, idx, self.batch_inputs(idx)
+    def build_optimizer(self, model, total_steps, fused=False):
+        """(optimizer, scheduler stepped once per batch); fused: use the fused kernels
+        (see Precision.fused_optimizer)."""
+        raise NotImplementedError
 
-    def batch_inputs(self, idx):
-        """The model's input for the training images idx: augmented and normalised."""
-        plan = self.plan
-        return self.recipe.prepare(crop_flip(self.train_images[idx], plan.shifts[idx], plan.flips[idx]))
+    def build_averager(self, model):
+        """None, or what averages the weights: step(model, step, total_steps) after each
+        optimizer step, finish(model) after the last, state_dict() and load_state_dict()."""
+        return None
 
-    def eval_model(self):
-        return self.model
+    def frozen_parts(self, model):
+        """(backbone, head) when only the head learns, on the output of a frozen backbone
+        that can be computed once (backbone: model input -> head input); else None."""
+        return None
 
-    def final_logits_fn(self):
-        return self.recipe.final_predict_logits
+    def loss(self, logits, labels):
+        return F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
 
-    def extra_metrics(self):
-        return {}
+    def model_input(self, images_uint8):
+        """A uint8 NHWC batch on the device -> the model's float input."""
+        return to_float(images_uint8, self.mean, self.std)
 
-    # ---- the loop's bookkeeping
+    def set_train_mode(self, model):
+        model.train()
 
-    def wrap_model(self):
-        """DDP, then torch.compile, wrap only the module that is trained (the order the
-        PyTorch docs give: compiling the DDP module lets gradient communication overlap
-        the backward); checkpoints save the bare one."""
-        model = self.train_model
-        if self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if self.args.compile:
-            model = torch.compile(model)
-        self.train_model = model
-
-    def sync_ranks(self):
-        """Give every rank rank 0's BatchNorm statistics and recipe state (e.g. weight
-        averages of them), so the sharded evaluation scores the model that rank 0 saves."""
-        broadcast_from_rank0(list(bare_model(self.model).buffers()) +
-                             tensors_in(self.recipe.extra_state()))
-
-    def reset_sums(self):
-        self.sums = {"loss": torch.zeros((), device=self.device),
-                     "correct": torch.zeros((), device=self.device), "count": 0, "seconds": 0.0}
-
-    def poll(self, stop):
-        """The loops' one read of device values on the host, every read_every steps.
-
-        Under torchrun the signal flag and a non-finite loss are combined over all ranks in
-        one all_reduce, so every rank leaves at the same step with the same message.
-        Returns this rank's running loss sum as a float.
-        """
-        loss_sum = self.sums["loss"]
-        flags = torch.stack([torch.full((), float(stop.signum), device=self.device),
-                             (~loss_sum.isfinite()).float(), loss_sum.float()])
-        if dist.is_initialized():
-            dist.all_reduce(flags[:2], op=dist.ReduceOp.MAX)
-        signum, diverged, loss_sum = flags.tolist()  # the host read
-        if diverged:
-            checkpoint = self.out / "checkpoint.pt"
-            kept = f"; the last good checkpoint is {checkpoint}" if checkpoint.exists() else ""
-            raise TrainingDiverged(
-                f"the training loss became nan or infinite in epoch {self.epoch + 1} (step "
-                f"{self.step_in_epoch}); try a lower --lr than {self.args.lr}{kept}")
-        if signum:
-            raise Interrupted(int(signum))
-        return loss_sum
-
-    def epoch_stats(self):
-        # float32 on the device (MPS has no float64), exact for the counts of any epoch here
-        sums = torch.stack([self.sums["loss"].float(), self.sums["correct"].float(),
-                            torch.full((), float(self.sums["count"]), device=self.device)])
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-        loss, correct, count = sums.tolist()
-        return {"train_loss": loss / count, "train_accuracy": correct / count,
-                "seconds": self.sums["seconds"], "images": int(count)}
-
-    def start_epoch(self):
-        """Draw this epoch's data order and augmentation (from the saved state on resume)."""
-        self.data_rng.set_state(self.epoch_rng_state)
-        plan = EpochPlan(len(self.train_labels), self.data_rng, self.recipe.translate,
-                         self.recipe.flip, self.epoch, self.args.seed + 1)
-        plan.order, plan.shifts, plan.flips = (x.to(self.device) for x in
-                                               (plan.order, plan.shifts, plan.flips))
-        self.plan = plan
-        self.recipe.on_epoch_start(self.model, self.epoch)
-
-    def end_epoch(self, stats, test_accuracy, wall_seconds):
-        self.epoch += 1
-        self.step_in_epoch = 0
-        self.epoch_rng_state = self.data_rng.get_state()
-        self.train_seconds += stats["seconds"]
-        self.images_seen += stats["images"]
-        previous = self.history[-1]["seconds"] if self.history else 0.0
-        record = {"epoch": self.epoch, "train_loss": stats["train_loss"],
-                  "train_accuracy": stats["train_accuracy"], "test_accuracy": test_accuracy,
-                  "seconds": previous + wall_seconds, "epoch_seconds": wall_seconds,
-                  "images_per_second": stats["images"] / max(stats["seconds"], 1e-9)}
-        self.history.append(record)
-        self.reset_sums()
-        return record
-
-    # ---- checkpoints
-
-    def state_dict(self):
-        sums = self.sums
-        return {
-            "format": CHECKPOINT_FORMAT, "script": self.recipe.name,
-            "model": bare_model(self.model).state_dict(), "args": plain_args(self.args),
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.precision.state_dict(), "recipe": self.recipe.extra_state(),
-            "rng": {"torch": torch.get_rng_state(), "epoch_data": self.epoch_rng_state},
-            "partial_epoch": {"loss": float(sums["loss"]), "correct": float(sums["correct"]),
-                              "count": sums["count"], "seconds": sums["seconds"]},
-            "history": self.history, "train_seconds": self.train_seconds,
-            "images_seen": self.images_seen,
-            "best_accuracy": max([e["test_accuracy"] for e in self.history], default=0.0),
-            "classes": list(CLASSES), "world_size": self.world_size,
-        }
-
-    def load_state_dict(self, checkpoint, path):
-        load_model_state(bare_model(self.model), checkpoint["model"], path)
-        try:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
-            self.precision.load_state_dict(checkpoint["scaler"])
-            self.recipe.load_extra_state(checkpoint["recipe"])
-            self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
-            self.global_step = checkpoint["global_step"]
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            self.epoch_rng_state = checkpoint["rng"]["epoch_data"]
-            partial = checkpoint["partial_epoch"]
-            self.history = list(checkpoint["history"])
-            self.train_seconds = checkpoint["train_seconds"]
-            self.images_seen = checkpoint["images_seen"]
-        except (KeyError, ValueError, RuntimeError, TypeError) as error:
-            raise UserError(f"{path} cannot be resumed with these flags ({error})") from None
-        self.sums = {"loss": torch.tensor(partial["loss"], device=self.device),
-                     "correct": torch.tensor(partial["correct"], device=self.device),
-                     "count": partial["count"], "seconds": partial["seconds"]}
-
-    def save(self):
-        if is_main_process():
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_atomically(self.state_dict(), self.out / "checkpoint.pt", torch.save)
+    def logits(self, model, inputs, final=False):
+        """The logits of model inputs; final: for the last evaluation of a run, --eval-only
+        and --predict, where a recipe may add test-time augmentation."""
+        return model(inputs)
 
 
-class PlainImages(torch.utils.data.Dataset):
-    """--pipeline plain: the textbook input pipeline, one PIL image at a time.
+def train_one_epoch(trainer, stop, progress):
+    """Train the rest of the current epoch, following trainer.plan; returns its statistics.
 
-    Applies the epoch plan's shift and flip of each image (so both pipelines train on
-    the same pixels), resizes to the model's input size and normalises, in the process
-    that asks: DataLoader workers, when there are some.
+    The running sums live on the trainer, so an epoch interrupted mid-way is saved and
+    resumed with the same statistics it would have had uninterrupted.
     """
+    t, recipe = trainer, trainer.recipe
+    recipe.set_train_mode(t.model)
+    started = time.perf_counter()  # each step's time includes waiting for its batch
+    for step, idx, inputs in t.source.batches(t.steps_left(), t.plan):
+        labels = t.train_labels[idx]
+        with t.precision.autocast():
+            logits = t.train_module(inputs)
+            loss = recipe.loss(logits, labels)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.precision.scaler.scale(loss).backward()
+        t.precision.scaler.step(t.optimizer)
+        t.precision.scaler.update()
+        t.scheduler.step()
+        t.global_step += 1
+        if t.averager:
+            t.averager.step(t.model, t.global_step, t.total_steps)
+        t.sums["loss"] += loss.detach().float() * len(idx)
+        t.sums["correct"] += (logits.detach().argmax(1) == labels).sum()
+        t.sums["count"] += len(idx)
+        t.sums["seconds"] += time.perf_counter() - started
+        t.step_in_epoch = step + 1
+        if t.step_in_epoch % t.read_every == 0 or t.step_in_epoch == t.steps_per_epoch:
+            loss_sum = t.poll(stop)
+            progress.set_postfix(loss=f"{loss_sum / t.sums['count']:.3f}", refresh=False)
+        progress.update(1)
+        started = time.perf_counter()
+    return t.epoch_stats()
 
-    def __init__(self, images, plan, recipe):
-        self.images, self.shifts, self.flips = images, plan.shifts.cpu(), plan.flips.cpu()
-        self.pad, self.size = recipe.translate, recipe.input_size
-        self.mean, self.std = recipe.mean, recipe.std
 
-    def __len__(self):
-        return len(self.images)
+@torch.no_grad()
+def evaluate(model, logits, inputs, labels, model_input, device, precision):
+    """Accuracy, mean loss and confusion matrix of logits(model, model_input(inputs[i:j])),
+    sharded across ranks and summed exactly.
 
-    def __getitem__(self, i):
-        import torchvision.transforms.functional as TF
-        from PIL import Image
-
-        image = Image.fromarray(self.images[i].numpy())
-        if self.flips[i]:  # mirror, then shift: the order crop_flip's gather has
-            image = TF.hflip(image)
-        if self.pad:
-            dy, dx = self.shifts[i].tolist()
-            image = TF.pad(image, self.pad, padding_mode="reflect")
-            image = TF.crop(image, self.pad + dy, self.pad + dx, 32, 32)
-        if self.size != 32:
-            image = TF.resize(image, [self.size, self.size], TF.InterpolationMode.BILINEAR)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
-
-
-class PlainPipelineTrainer(Trainer):
-    """--pipeline plain: batches from a DataLoader over PlainImages, fed as NCHW tensors.
-
-    The steps, the augmentation and the data order are the same as the batched
-    pipeline's; only where and how the input tensors are made differs. A new loader is
-    made each epoch (its workers start again), as in most training scripts.
+    The sums are float32 on the device (MPS has no float64, and older MPS builds no int64
+    index_add_); they are exact for counts below 2**24 and are read once, at the end.
     """
+    model.eval()
+    start, end = shard(len(labels), *rank_and_world_size())
+    n_classes = len(CLASSES)
+    sums = torch.zeros(n_classes * n_classes + 1, device=device)  # confusion, then loss sum
+    for i in range(start, end, EVAL_BATCH_SIZE):
+        batch_labels = labels[i:min(i + EVAL_BATCH_SIZE, end)]
+        with precision.autocast():
+            batch_logits = logits(model, model_input(inputs[i:min(i + EVAL_BATCH_SIZE, end)]))
+        sums[-1] += F.cross_entropy(batch_logits.float(), batch_labels, reduction="sum")
+        sums.index_add_(0, batch_labels * n_classes + batch_logits.argmax(1),
+                        torch.ones(len(batch_labels), device=device))
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    sums = sums.tolist()  # the one host read; plain Python from here on
+    confusion = [[round(c) for c in sums[r * n_classes:(r + 1) * n_classes]] for r in range(n_classes)]
+    total = sum(map(sum, confusion))
+    return {
+        "test_accuracy": sum(confusion[c][c] for c in range(n_classes)) / max(total, 1),
+        "test_loss": sums[-1] / max(total, 1),
+        "per_class_accuracy": {name: confusion[c][c] / max(sum(confusion[c]), 1)
+                               for c, name in enumerate(CLASSES)},
+        "confusion_matrix": confusion,
+    }
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.cpu_images = self.train_images.cpu()
-        self.model.to(memory_format=torch.contiguous_format)
 
-    def batches(self):
-        steps = range(self.step_in_epoch, self.steps_per_epoch)
-        indices = [self.step_indices(step) for step in steps]  # on the device, for the labels
-        loader = torch.utils.data.DataLoader(
-            PlainImages(self.cpu_images, self.plan, self.recipe),
-            batch_sampler=[idx.tolist() for idx in indices],
-            num_workers=self.args.workers, pin_memory=self.device.type == "cuda")
-        for step, idx, inputs in zip(steps, indices, loader):
-            yield step, idx, inputs.to(self.device, non_blocking=True)
+def fit(trainer, stop):
+    """The epoch loop: train, evaluate, log, checkpoint; stops cleanly on a signal."""
+    args, source = trainer.args, trainer.source
+    last_epoch = args.stop_after or args.epochs
+    while trainer.epoch < last_epoch:
+        wall_start = time.perf_counter()
+        trainer.start_epoch()
+        with progress_bar(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
+                          desc=f"epoch {trainer.epoch + 1}/{args.epochs}", unit="step") as progress:
+            stats = train_one_epoch(trainer, stop, progress)
+        trainer.sync_ranks()  # every rank then evaluates the model that is saved
+        result = evaluate(source.eval_module, trainer.recipe.logits, source.test_inputs,
+                          trainer.test_labels, source.test_input, trainer.device, trainer.precision)
+        record = trainer.end_epoch(stats, result["test_accuracy"], time.perf_counter() - wall_start)
+        log(epoch_line(record, args.epochs))
+        trainer.save()
 
 
-def make_trainer(args, *rest):
-    """The trainer for the chosen --pipeline."""
-    return (PlainPipelineTrainer if args.pipeline == "plain" else Trainer)(args, *rest)
+def finish(trainer, started):
+    """After the last epoch: the averaged weights, the final evaluation (with the recipe's
+    test-time augmentation), metrics.json and the checkpoint."""
+    source = trainer.source
+    if trainer.averager:
+        trainer.averager.finish(trainer.model)
+    trainer.sync_ranks()
+    result = evaluate(source.eval_module, functools.partial(trainer.recipe.logits, final=True),
+                      source.test_inputs, trainer.test_labels, source.test_input,
+                      trainer.device, trainer.precision)
+    metrics = {
+        **result, "epochs": trainer.history, "train_seconds": trainer.train_seconds,
+        "images_per_second": trainer.images_seen / max(trainer.train_seconds, 1e-9),
+        "total_seconds": time.perf_counter() - started, "device": str(trainer.device),
+        "precision": trainer.precision.name, "world_size": trainer.world_size,
+        "torch_version": torch.__version__, "args": plain_args(trainer.args),
+        **source.metrics(),
+    }
+    if is_main_process():
+        save_json(metrics, trainer.out / "metrics.json")
+    log(f"test accuracy {100 * result['test_accuracy']:.2f}% after {trainer.epoch} epochs, "
+        f"{trainer.train_seconds:.1f} s of training steps, {metrics['total_seconds']:.1f} s in "
+        f"all; results in {trainer.out}")
+    trainer.save()
 
 
 def progress_bar(**kwargs):
@@ -1056,82 +1201,63 @@ def epoch_line(record, epochs):
             f"test acc {100 * record['test_accuracy']:5.2f}%  "
             f"{record['epoch_seconds']:6.1f} s  {record['images_per_second']:6.0f} img/s")
 
-
-def fit(trainer, stop):
-    """The epoch loop: train, evaluate, log, checkpoint; stops cleanly on a signal."""
-    args = trainer.args
-    last_epoch = args.stop_after or args.epochs
-    while trainer.epoch < last_epoch:
-        wall_start = time.perf_counter()
-        trainer.start_epoch()
-        with progress_bar(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
-                          desc=f"epoch {trainer.epoch + 1}/{args.epochs}", unit="step") as progress:
-            stats = train_one_epoch(trainer, stop, progress)
-        trainer.sync_ranks()  # every rank then evaluates the model that is saved
-        result = evaluate(trainer.recipe, trainer.eval_model(), trainer.test_inputs,
-                          trainer.test_labels, trainer.device, trainer.precision)
-        record = trainer.end_epoch(stats, result["test_accuracy"], time.perf_counter() - wall_start)
-        log(epoch_line(record, args.epochs))
-        trainer.save()
-
-
-def finish(trainer, started):
-    """The final evaluation (with the recipe's test-time augmentation) and metrics.json."""
-    result = evaluate(trainer.recipe, trainer.eval_model(), trainer.test_inputs,
-                      trainer.test_labels, trainer.device, trainer.precision,
-                      logits_fn=trainer.final_logits_fn())
-    metrics = {
-        **result, "epochs": trainer.history, "train_seconds": trainer.train_seconds,
-        "images_per_second": trainer.images_seen / max(trainer.train_seconds, 1e-9),
-        "total_seconds": time.perf_counter() - started, "device": str(trainer.device),
-        "precision": trainer.precision.name, "world_size": trainer.world_size,
-        "torch_version": torch.__version__, "args": plain_args(trainer.args),
-        **trainer.extra_metrics(),
-    }
-    if is_main_process():
-        save_json(metrics, trainer.out / "metrics.json")
-    log(f"test accuracy {100 * result['test_accuracy']:.2f}% after {trainer.epoch} epochs, "
-        f"{trainer.train_seconds:.1f} s of training steps, {metrics['total_seconds']:.1f} s in "
-        f"all; results in {trainer.out}")
-    return metrics
-
 # -----------------------------------------------------------------------------
 # Entry point shared by both scripts
 
 
-def parse_args(parser, argv, recipe_name):
-    """Parse argv; with --resume, flags not given again are taken from the checkpoint."""
-    args = parser.parse_args(argv)
-    if not args.resume:
-        return args, None
-    checkpoint = load_checkpoint(args.resume, recipe_name)
-    given = copy.deepcopy(parser)
-    for action in given._actions:
-        action.default = argparse.SUPPRESS
-    explicit = vars(given.parse_args(argv))  # only the flags given on the command line
-    per_run = {"resume", "stop_after", "out", "overwrite", "checkpoint", "eval_only", "predict"}
-    for key, value in checkpoint["args"].items():
-        if key not in explicit and key not in per_run and hasattr(args, key):
-            setattr(args, key, value)
-    return args, checkpoint
+def run(parser, argv, recipe_class):
+    """Everything a script's main() does: returns the process exit status."""
+    started = time.perf_counter()
+    args, checkpoint = parse_args(parser, argv, recipe_class.name)
+    recipe = recipe_class(args)
+    check_args(args)
+    recipe.check_args()
+    device = pick_device(args.device)
+    init_distributed(device)
+    precision = Precision(device, not args.no_amp)  # probes this rank's own device
+    try:
+        torch.manual_seed(args.seed)
+        if args.eval_only or args.predict:
+            code = run_from_checkpoint(args, recipe, device, precision, started)
+        else:
+            code = train(args, checkpoint, recipe, device, precision, started)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the process group down while another still uses it
+        return code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def predict_files(recipe, model, paths, device, precision):
-    """Print each image's three most likely classes."""
-    images = []
-    for path in paths:
-        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
-        if image.shape[-2:] != (32, 32):  # photos of any size: shrink to CIFAR's 32x32
-            image = F.interpolate(image, size=(32, 32), mode="bilinear", antialias=True)
-        images.append(image.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0))
-    batch = torch.stack(images).to(device)
-    model.eval()
-    with torch.no_grad(), precision.autocast():
-        probabilities = recipe.final_predict_logits(model, recipe.prepare(batch)).float().softmax(1)
-    for path, p in zip(paths, probabilities.cpu()):
-        top = p.topk(3)
-        ranked = ", ".join(f"{CLASSES[i]} {100 * v:.1f}%" for v, i in zip(top.values, top.indices))
-        print(f"{path}: {ranked}")
+def train(args, checkpoint, recipe, device, precision, started):
+    out = prepare_out_dir(args, recipe.name)
+    data = load_cifar10(args.data_dir, args.subset)
+    log(f"{recipe.name}: {len(data['train_labels'])} training and {len(data['test_labels'])} "
+        f"test images from {args.data_dir}; {device}, {precision.name}"
+        + (f", {dist.get_world_size()} processes" if dist.is_initialized() else ""))
+    # Moved once: the model's initialisation and the input source share the device copies.
+    data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
+    model = recipe.build_model(data["train_images"]).to(device, memory_format=torch.channels_last)
+    source = make_input_source(args, recipe, model, data, device, precision)
+    trainer = Trainer(args, recipe, model, source, data, device, precision, out)
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint, args.resume)
+        log(f"resumed {args.resume} at epoch {trainer.epoch}, step {trainer.step_in_epoch}")
+    trainer.wrap()
+    resume_line = f"Continue with: python {recipe.script} --resume {out / 'checkpoint.pt'}"
+    with StopFlag() as stop:
+        try:
+            source.setup(lambda: trainer.poll(stop))
+            fit(trainer, stop)
+        except Interrupted as interrupted:
+            trainer.save()
+            log(f"interrupted by {interrupted}; saved {out / 'checkpoint.pt'}. {resume_line}")
+            return 128 + interrupted.signum
+    if trainer.epoch < args.epochs:
+        log(f"stopped after epoch {trainer.epoch} of {args.epochs} as asked. {resume_line}")
+        return 0
+    finish(trainer, started)
+    return 0
 
 
 def run_from_checkpoint(args, recipe, device, precision, started):
@@ -1148,8 +1274,8 @@ def run_from_checkpoint(args, recipe, device, precision, started):
     out = prepare_out_dir(args, recipe.name)
     data = load_cifar10(args.data_dir, args.subset)
     test_images, test_labels = data["test_images"].to(device), data["test_labels"].to(device)
-    result = evaluate(recipe, model, test_images, test_labels, device, precision,
-                      logits_fn=recipe.final_predict_logits)
+    result = evaluate(model, functools.partial(recipe.logits, final=True), test_images,
+                      test_labels, recipe.model_input, device, precision)
     metrics = {**result, "checkpoint": str(args.checkpoint), "epochs": checkpoint["history"],
                "device": str(device), "precision": precision.name,
                "total_seconds": time.perf_counter() - started, "args": plain_args(args)}
@@ -1161,53 +1287,19 @@ def run_from_checkpoint(args, recipe, device, precision, started):
     return 0
 
 
-def run(parser, argv, recipe_class, trainer_class=make_trainer):
-    """Everything a script's main() does: returns the process exit status."""
-    started = time.perf_counter()
-    args, checkpoint = parse_args(parser, argv, recipe_class.name)
-    recipe = recipe_class(args)
-    check_args(args)
-    recipe.check_args()
-    device = pick_device(args.device)
-    init_distributed(device)
-    precision = Precision(device, not args.no_amp)  # probes this rank's own device
-    try:
-        torch.manual_seed(args.seed)
-        if args.eval_only or args.predict:
-            return run_from_checkpoint(args, recipe, device, precision, started)
-        out = prepare_out_dir(args, recipe.name)
-        data = load_cifar10(args.data_dir, args.subset)
-        log(f"{recipe.name}: {len(data['train_labels'])} training and "
-            f"{len(data['test_labels'])} test images from {args.data_dir}; {device}, "
-            f"{precision.name}" + (f", {dist.get_world_size()} processes" if dist.is_initialized() else ""))
-        # Moved once: the whitening init and the trainer then share the device copies.
-        data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
-        model = recipe.build_model(data["train_images"])
-        model = model.to(device, memory_format=torch.channels_last)
-        trainer = trainer_class(args, recipe, model, data, device, precision, out)
-        if checkpoint is not None:
-            trainer.load_state_dict(checkpoint, args.resume)
-            log(f"resumed {args.resume} at epoch {trainer.epoch}, step {trainer.step_in_epoch}")
-        trainer.wrap_model()
-        with StopFlag() as stop:
-            trainer.stop = stop  # long preparations (a feature pass) check it too
-            try:
-                trainer.prepare()
-                fit(trainer, stop)
-            except Interrupted as interrupted:
-                trainer.save()
-                log(f"interrupted by {interrupted}; saved {out / 'checkpoint.pt'}. "
-                    f"Continue with: python {recipe.script} --resume {out / 'checkpoint.pt'}")
-                return 128 + interrupted.signum
-        if trainer.epoch < args.epochs:
-            log(f"stopped after epoch {trainer.epoch} of {args.epochs} as asked. "
-                f"Continue with: python {recipe.script} --resume {out / 'checkpoint.pt'}")
-            return 0
-        recipe.finish_training(trainer.model)
-        trainer.sync_ranks()
-        finish(trainer, started)
-        trainer.save()
-        return 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def predict_files(recipe, model, paths, device, precision):
+    """Print each image's three most likely classes."""
+    images = []
+    for path in paths:
+        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
+        if image.shape[-2:] != (32, 32):  # photos of any size: shrink to CIFAR's 32x32
+            image = F.interpolate(image, size=(32, 32), mode="bilinear", antialias=True)
+        images.append(image.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0))
+    batch = torch.stack(images).to(device)
+    model.eval()
+    with torch.no_grad(), precision.autocast():
+        logits = recipe.logits(model, recipe.model_input(batch), final=True)
+    for path, p in zip(paths, logits.float().softmax(1).cpu()):
+        top = p.topk(3)
+        ranked = ", ".join(f"{CLASSES[i]} {100 * v:.1f}%" for v, i in zip(top.values, top.indices))
+        print(f"{path}: {ranked}")

@@ -20,9 +20,9 @@ Run:
     python using-pretrained-resnet.py --weights resnet18.pth   # a local torchvision state dict
 """
 
+import functools
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,17 +38,24 @@ import common  # noqa: E402
 
 EPOCHS = 5
 BATCH_SIZE = 128
-LR = 0.01            # backbone's peak learning rate (SGD, Nesterov momentum 0.9)
-HEAD_LR_SCALE = 10   # the new, randomly initialised head learns 10x faster
-WEIGHT_DECAY = 5e-4  # on conv and linear weights only, never on BatchNorm or biases
-LABEL_SMOOTHING = 0.1
-WARMUP = 0.1         # fraction of the steps spent warming up, then cosine decay to zero
+LR = 0.01              # the backbone's peak learning rate
+MOMENTUM = 0.9         # Nesterov momentum
+HEAD_LR_SCALE = 10     # the new, randomly initialised head learns 10x faster
+WEIGHT_DECAY = 5e-4    # on conv and linear weights only, never on BatchNorm or biases
+LABEL_SMOOTHING = 0.1  # weight moved from the true class to the others
+WARMUP = 0.1           # fraction of the steps spent warming up, then cosine decay to zero
+TRANSLATE = 4          # pixels of random shift at 32x32, before the resize
+FLIP = "random"        # coin flips
+IMAGE_SIZE = 224       # pixels: the size the ImageNet weights were trained at
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+DEFAULTS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, momentum=MOMENTUM,
+                weight_decay=WEIGHT_DECAY, label_smoothing=LABEL_SMOOTHING,
+                translate=TRANSLATE, flip=FLIP)
 
 
 def build_parser():
-    parser = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR)
-    add = parser.add_argument
+    parser, recipe = common.make_parser(__doc__, DEFAULTS)
+    add = recipe.add_argument
     add("--weights", default="imagenet", metavar="imagenet|none|PATH",
         help="starting weights: torchvision's ImageNet ones (downloaded or in the torch hub "
              "cache), none for random initialisation, or a ResNet-18 state dict file "
@@ -63,7 +70,7 @@ def build_parser():
         help="with --freeze, run the frozen backbone on every batch of every epoch instead of "
              "computing its features once: much slower, but it allows random shifts, and it "
              "is the baseline the feature cache is timed against (default: off)")
-    add("--image-size", type=int, default=224, metavar="PX",
+    add("--image-size", type=int, default=IMAGE_SIZE, metavar="PX",
         help="side in pixels the 32x32 images are resized to, at least 32 (default: %(default)s)")
     return parser
 
@@ -138,7 +145,6 @@ class ResNetRecipe(common.Recipe):
     script = "using-pretrained-resnet.py"
     architecture_flags = ("image_size",)  # the input size the model was trained at
     mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD  # what the weights were trained with
-    translate, flip = 4, "random"
 
     def check_args(self):
         args = self.args
@@ -148,12 +154,10 @@ class ResNetRecipe(common.Recipe):
         if args.freeze and args.train_layers not in (None, 0):
             raise common.UserError(f"--freeze trains only the head; it cannot be combined with "
                                    f"--train-layers {args.train_layers}")
-        if args.freeze:
-            args.train_layers = 0
-        if args.recompute_features and args.train_layers != 0:
+        if args.recompute_features and self.train_layers != 0:
             raise common.UserError("--recompute-features applies only with --freeze (the "
                                    "features are recomputed every step otherwise anyway)")
-        if args.train_layers == 0 and args.pipeline == "plain" and not args.recompute_features:
+        if self.train_layers == 0 and args.pipeline == "plain" and not args.recompute_features:
             raise common.UserError("--freeze computes the features once, in batches; "
                                    "--pipeline plain needs --recompute-features with it")
 
@@ -163,6 +167,9 @@ class ResNetRecipe(common.Recipe):
 
     @property
     def train_layers(self):
+        """How many of the last residual stages learn: 0 with --freeze, all by default."""
+        if self.args.freeze:
+            return 0
         return len(STAGES) if self.args.train_layers is None else self.args.train_layers
 
     def build_model(self, train_images=None):
@@ -178,19 +185,22 @@ class ResNetRecipe(common.Recipe):
         args = self.args
         head = list(model.fc.parameters())
         body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("fc.")]
-        groups = [dict(params=head, lr=args.lr * HEAD_LR_SCALE, weight_decay=WEIGHT_DECAY)]
-        groups += [dict(params=[p for p in body if p.ndim > 1], lr=args.lr, weight_decay=WEIGHT_DECAY),
+        groups = [dict(params=head, lr=args.lr * HEAD_LR_SCALE, weight_decay=args.weight_decay)]
+        groups += [dict(params=[p for p in body if p.ndim > 1], lr=args.lr, weight_decay=args.weight_decay),
                    dict(params=[p for p in body if p.ndim <= 1], lr=args.lr, weight_decay=0.0)]
-        optimizer = torch.optim.SGD([g for g in groups if g["params"]], momentum=0.9, nesterov=True,
-                                    fused=fused or None)
+        optimizer = torch.optim.SGD([g for g in groups if g["params"]], momentum=args.momentum,
+                                    nesterov=True, fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, total_steps))
         return optimizer, scheduler
 
-    def loss(self, logits, labels):
-        return F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
+    def frozen_parts(self, model):
+        # --freeze: the backbone never changes, so its features are computed once
+        if self.train_layers == 0 and not self.args.recompute_features:
+            return functools.partial(backbone_features, model), model.fc
+        return None
 
-    def prepare(self, images_uint8):
+    def model_input(self, images_uint8):
         x = common.to_float(images_uint8, self.mean, self.std)
         if self.input_size != x.shape[-1]:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
@@ -203,84 +213,9 @@ class ResNetRecipe(common.Recipe):
         for module in frozen_modules(model, self.train_layers):
             module.eval()
 
-# -----------------------------------------------------------------------------
-# Frozen backbone: compute the features once, then train the head on them
-
-
-class FrozenTrainer(common.Trainer):
-    """--freeze: the backbone never changes, so its features are computed once.
-
-    The training images are passed through it twice, as they are and mirrored; each epoch
-    picks one of the two per image, which is the flip augmentation (random shifts would
-    need a pass per shift, so none are used; --recompute-features runs the backbone on
-    every batch instead, shifts included). Every epoch after the feature pass costs only
-    the linear head.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.train_model = self.model.fc
-        self.feature_seconds = 0.0
-
-    @torch.no_grad()
-    def features(self, images, what, mirror=False, batch_size=250):
-        """Pooled features of images (uint8 NHWC), this rank's shard, gathered on all ranks."""
-        self.model.eval()
-        start, end = common.shard(len(images), self.rank, self.world_size)
-        per_rank = common.rows_per_rank(len(images), self.world_size)
-        parts = []
-        # Every rank makes the same number of passes (a shorter shard's last may be empty),
-        # so the stop check, a collective under torchrun, is called equally often on all.
-        batches = range(start, start + per_rank, batch_size)
-        for n, i in enumerate(common.progress_bar(iterable=batches, desc=f"features of {what}",
-                                                  unit="batch")):
-            batch = images[i:min(i + batch_size, end)]
-            if len(batch):
-                if mirror:
-                    batch = batch.flip(2)  # NHWC: axis 2 is the width
-                with self.precision.autocast():
-                    parts.append(backbone_features(self.model, self.recipe.prepare(batch)).float())
-            if (n + 1) % self.read_every == 0:
-                self.poll(self.stop)
-        local = torch.cat(parts) if parts else images.new_zeros((0, 512), dtype=torch.float32)
-        return common.gather_rows(local, len(images))
-
-    def prepare(self):
-        started = time.perf_counter()
-        n_train, n_test = len(self.train_images), len(self.test_inputs)
-        common.log(f"computing the frozen backbone's features of {n_train} training images, "
-                   f"their mirror images and {n_test} test images at {self.args.image_size} px; "
-                   f"this pass is most of the run")
-        self.train_features = self.features(self.train_images, "training images")
-        self.train_features_mirrored = self.features(self.train_images, "mirror images", mirror=True)
-        self.test_inputs = self.features(self.test_inputs, "test images")
-        self.feature_seconds = time.perf_counter() - started
-        common.log(f"computed the frozen backbone's features of {2 * len(self.train_features)} "
-                   f"training and {len(self.test_inputs)} test images in "
-                   f"{self.feature_seconds:.1f} s")
-
-    def batch_inputs(self, idx):
-        flips = self.plan.flips[idx, None]
-        return torch.where(flips, self.train_features_mirrored[idx], self.train_features[idx])
-
-    def eval_model(self):
-        return self.model.fc
-
-    def final_logits_fn(self):
-        return lambda head, features: head(features)
-
-    def extra_metrics(self):
-        return {"feature_seconds": self.feature_seconds}
-
-
-def make_trainer(args, recipe, *rest):
-    if recipe.train_layers == 0 and not args.recompute_features:
-        return FrozenTrainer(args, recipe, *rest)
-    return common.make_trainer(args, recipe, *rest)
-
 
 def main(argv=None):
-    return common.fail_cleanly(lambda: common.run(build_parser(), argv, ResNetRecipe, make_trainer))
+    return common.fail_cleanly(lambda: common.run(build_parser(), argv, ResNetRecipe))
 
 
 if __name__ == "__main__":

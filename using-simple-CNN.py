@@ -30,33 +30,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 # -----------------------------------------------------------------------------
-# Defaults (batch size 1024: large batches keep a GPU busy and are no slower per image
-# on a CPU; the learning rate is for the mean loss of such a batch)
+# Defaults: every number of the recipe, with its unit or why
 
 EPOCHS = 10
-BATCH_SIZE = 1024
-LR = 1.5             # peak learning rate of the triangular schedule
-MOMENTUM = 0.85      # Nesterov momentum
+BATCH_SIZE = 1024      # large batches keep a GPU busy and are no slower per image on a CPU
+LR = 1.5               # peak learning rate of the triangle, for the mean loss of a batch
+MOMENTUM = 0.85        # Nesterov momentum
 WEIGHT_DECAY = 1.3e-3  # PyTorch SGD's (lr-coupled) decay: 0.2% of each weight per step at peak lr
-BIAS_LR_SCALE = 64   # BatchNorm biases learn this much faster (with proportionally less decay)
-LABEL_SMOOTHING = 0.2
-WIDTHS = "64,256,256"
-WHITEN_BIAS_EPOCHS = 3
+BIAS_LR_SCALE = 64     # BatchNorm biases learn this much faster (with proportionally less decay)
+LABEL_SMOOTHING = 0.2  # weight moved from the true class to the others
+TRIANGLE = dict(start=0.2, peak=1.0, end=0.07, peak_at=0.23)  # lr factors; peak_at: fraction of steps
+TRANSLATE = 2          # pixels of random shift (reflecting at the border)
+FLIP = "alternate"     # each image mirrored every other epoch
+TTA = 2                # final evaluation: mirror and 1-pixel shifts
+WIDTHS = "64,256,256"  # channels of the three conv blocks
+BN_MOMENTUM = 0.4      # running statistics follow fast: the weights change fast in a short run
+BN_EPS = 1e-12
+OUTPUT_DIVISOR = 9     # logits divided by this: acts like a lower head learning rate
+WHITEN_IMAGES = 5000   # training images whose 2x2 patches set the whitening layer
+WHITEN_EPS = 5e-4      # added to the patch covariance's eigenvalues before the inverse sqrt
+WHITEN_BIAS_EPOCHS = 3  # epochs in which the whitening layer's bias learns
+LOOKAHEAD_EVERY = 5    # steps between pulls onto the weight average
+LOOKAHEAD_DECAY = 0.95  # per step; scaled by the cube of training progress
+DEFAULTS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, momentum=MOMENTUM,
+                weight_decay=WEIGHT_DECAY, label_smoothing=LABEL_SMOOTHING,
+                translate=TRANSLATE, flip=FLIP)
 
 
 def build_parser():
-    parser = common.make_parser(__doc__, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR)
-    add = parser.add_argument
+    parser, recipe = common.make_parser(__doc__, DEFAULTS)
+    add = recipe.add_argument
     add("--widths", default=WIDTHS, help="channels of the three conv blocks (default: %(default)s)")
-    add("--momentum", type=float, default=MOMENTUM, help="Nesterov momentum (default: %(default)s)")
-    add("--weight-decay", type=float, default=WEIGHT_DECAY, help="SGD weight decay (default: %(default)s)")
-    add("--label-smoothing", type=float, default=LABEL_SMOOTHING,
-        help="weight moved from the true class to the others (default: %(default)s)")
-    add("--translate", type=int, default=2,
-        help="random shift in pixels, reflecting at the border (default: %(default)s)")
-    add("--flip", choices=("alternate", "random", "none"), default="alternate",
-        help="horizontal flips: every other epoch per image, coin flips, or none (default: %(default)s)")
-    add("--tta", type=int, choices=(0, 1, 2), default=2,
+    add("--tta", type=int, choices=(0, 1, 2), default=TTA,
         help="test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror and "
              "1-pixel shifts (default: %(default)s)")
     add("--no-whiten", action="store_true",
@@ -86,9 +91,8 @@ class ConvBlock(nn.Sequential):
 
 def batch_norm(channels):
     # Scales are fixed at 1 and only shifts are learned: with a linear head the scales are
-    # redundant and learning them slows training. The running statistics follow fast
-    # (momentum 0.4) because the weights change fast in a run this short.
-    norm = nn.BatchNorm2d(channels, momentum=0.4, eps=1e-12)
+    # redundant and learning them slows training.
+    norm = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=BN_EPS)
     norm.weight.requires_grad_(False)
     return norm
 
@@ -104,13 +108,13 @@ class SimpleCNN(nn.Module):
     def forward(self, x):
         x = self.blocks(F.gelu(self.whiten(x)))        # 31 -> 15 -> 7 -> 3 pixels
         x = F.adaptive_max_pool2d(x, 1).flatten(1)
-        return self.head(x) / 9  # a small output scale acts like a lower head learning rate
+        return self.head(x) / OUTPUT_DIVISOR
 
 # -----------------------------------------------------------------------------
 # Recipe: each trick is one named step
 
 
-def init_whitening(conv, images, eps=5e-4):
+def init_whitening(conv, images, eps=WHITEN_EPS):
     """Set the first layer to decorrelate 2x2 patches (PCA whitening) and freeze it.
 
     The network then starts from inputs whose directions all have unit variance, which
@@ -141,14 +145,14 @@ class Lookahead:
     noise of single steps matters most; at the end the model takes the averaged weights.
     """
 
-    def __init__(self, model, every=5):
+    def __init__(self, model, every=LOOKAHEAD_EVERY):
         self.every = every
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def step(self, model, step, total_steps):
         if step % self.every:
             return
-        decay = 0.95 ** self.every * (step / total_steps) ** 3
+        decay = LOOKAHEAD_DECAY ** self.every * (step / total_steps) ** 3
         with torch.no_grad():
             for key, value in model.state_dict().items():
                 if value.is_floating_point():
@@ -158,8 +162,14 @@ class Lookahead:
     def finish(self, model):
         model.load_state_dict(self.average)
 
+    def state_dict(self):
+        return {"average": self.average}
 
-def triangle(step, total_steps, start=0.2, peak=1.0, end=0.07, peak_at=0.23):
+    def load_state_dict(self, state):
+        self.average = {k: v.to(self.average[k].device) for k, v in state["average"].items()}
+
+
+def triangle(step, total_steps, start, peak, end, peak_at):
     """Learning-rate factor: linear warm-up to the peak, then linear decay."""
     top = peak_at * total_steps
     if step < top:
@@ -186,34 +196,23 @@ class CNNRecipe(common.Recipe):
     architecture_flags = ("widths",)
     mean, std = common.CIFAR10_MEAN, common.CIFAR10_STD
 
-    def __init__(self, args):
-        super().__init__(args)
-        self.translate, self.flip = args.translate, args.flip
-        self.lookahead = None
-
     def check_args(self):
         widths = self.args.widths.split(",")
         if len(widths) != 3 or not all(w.strip().isdigit() and int(w) > 0 for w in widths):
             raise common.UserError(f"--widths {self.args.widths}: expected three positive "
                                    f"integers such as {WIDTHS}")
-        if not 0 <= self.args.translate <= 8:
-            raise common.UserError(f"--translate {self.args.translate}: expected 0 to 8 pixels")
-        if not 0 <= self.args.label_smoothing < 1:
-            raise common.UserError("--label-smoothing must be in [0, 1)")
 
     def build_model(self, train_images=None):
         model = SimpleCNN(tuple(int(w) for w in self.args.widths.split(",")))
         if not self.args.no_dirac:
             init_dirac(model)
         if train_images is not None and not self.args.no_whiten:
-            init_whitening(model.whiten, self.prepare(train_images[:5000]).cpu())
+            init_whitening(model.whiten, self.model_input(train_images[:WHITEN_IMAGES]).cpu())
         model.whiten.bias.data.zero_()
         return model
 
     def build_optimizer(self, model, total_steps, fused=False):
         args = self.args
-        # Made here, once the model sits on its device, so the averages live there too.
-        self.lookahead = None if args.no_lookahead else Lookahead(model)
         norm_biases = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 1
                        and n.startswith("blocks")]
         whiten_bias = [model.whiten.bias]
@@ -231,32 +230,17 @@ class CNNRecipe(common.Recipe):
         # never changes, which DDP and torch.compile both rely on.
         bias_steps = WHITEN_BIAS_EPOCHS * total_steps // args.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
-            lambda step: triangle(step, total_steps),
-            lambda step: triangle(step, total_steps) if step < bias_steps else 0.0,
-            lambda step: triangle(step, total_steps)])
+            lambda step: triangle(step, total_steps, **TRIANGLE),
+            lambda step: triangle(step, total_steps, **TRIANGLE) if step < bias_steps else 0.0,
+            lambda step: triangle(step, total_steps, **TRIANGLE)])
         return optimizer, scheduler
 
-    def loss(self, logits, labels):
-        return F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
+    def build_averager(self, model):
+        # Made once the model sits on its device, so the averages live there too.
+        return None if self.args.no_lookahead else Lookahead(model)
 
-    def after_step(self, model, step, total_steps):
-        if self.lookahead:
-            self.lookahead.step(model, step, total_steps)
-
-    def finish_training(self, model):
-        if self.lookahead:
-            self.lookahead.finish(model)
-
-    def extra_state(self):
-        return {"lookahead": self.lookahead.average if self.lookahead else None}
-
-    def load_extra_state(self, state):
-        if self.lookahead:
-            self.lookahead.average = {k: v.to(self.lookahead.average[k].device)
-                                      for k, v in state["lookahead"].items()}
-
-    def final_predict_logits(self, model, inputs):
-        return mirror_and_shift_logits(model, inputs, self.args.tta)
+    def logits(self, model, inputs, final=False):
+        return mirror_and_shift_logits(model, inputs, self.args.tta if final else 0)
 
 
 def main(argv=None):

@@ -140,11 +140,11 @@ def main(argv):
     fit = common.fit
 
     def recording_fit(trainer, stop):
-        chain, model = [], trainer.train_model
+        chain, model = [], trainer.train_module
         while model is not None:
             chain.append(type(model).__name__)
             model = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        report["train_model"] = chain
+        report["train_module"] = chain
         report["steps_per_epoch"], report["read_every"] = trainer.steps_per_epoch, trainer.read_every
         return fit(trainer, stop)
     common.fit = recording_fit

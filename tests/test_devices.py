@@ -99,8 +99,8 @@ def watch_everything(monkeypatch, resnet=None):
         monkeypatch.setattr(common, name, getattr(common, name))  # restored after the test
         watch_calls(common, name, watch)
     if resnet is not None:
-        monkeypatch.setattr(resnet.FrozenTrainer, "features", resnet.FrozenTrainer.features)
-        watch_calls(resnet.FrozenTrainer, "features", watch)
+        monkeypatch.setattr(common.CachedFeatures, "features", common.CachedFeatures.features)
+        watch_calls(common.CachedFeatures, "features", watch)
     return watch
 
 

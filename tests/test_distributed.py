@@ -120,4 +120,4 @@ def test_compile_wraps_ddp_and_never_recompiles_under_torchrun(image_folders, tm
                                "--compile", options=["--eager-compile"])
     assert result.returncode == 0, result.stderr
     for report in reports(report_dir):
-        assert report["train_model"] == ["OptimizedModule", "DistributedDataParallel", "SimpleCNN"]
+        assert report["train_module"] == ["OptimizedModule", "DistributedDataParallel", "SimpleCNN"]

@@ -14,17 +14,12 @@ def plan_for(n, translate, seed=0):
     return common.EpochPlan(n, torch.Generator().manual_seed(seed), translate, "random", 0, 1)
 
 
-class Recipe(common.Recipe):
-    def __init__(self, translate, input_size=32):
-        self.translate, self.input_size = translate, input_size
-
-
 @pytest.mark.parametrize("translate", [0, 2, 4])
 def test_plain_images_equal_batched_augmentation(translate):
     images = torch.from_numpy(tinted_images(2, seed=3)[0])
     plan = plan_for(len(images), translate)
     assert plan.flips.any() and not plan.flips.all() and (plan.shifts != 0).any() == bool(translate)
-    dataset = common.PlainImages(images, plan, Recipe(translate))
+    dataset = common.PlainImages(images, plan, common.Recipe(None))
     plain = torch.stack([dataset[i] for i in range(len(images))])
     batched = common.to_float(common.crop_flip(images, plan.shifts, plan.flips),
                               common.CIFAR10_MEAN, common.CIFAR10_STD)
@@ -36,9 +31,9 @@ def test_plain_resize_is_close_to_the_batched_resize(resnet):
     args = resnet.build_parser().parse_args(["--weights", "none", "--image-size", "64"])
     recipe = resnet.ResNetRecipe(args)
     images = torch.from_numpy(tinted_images(1, seed=4)[0])
-    plan = plan_for(len(images), recipe.translate)
+    plan = plan_for(len(images), args.translate)
     plain = torch.stack([x for x in common.PlainImages(images, plan, recipe)])
-    batched = recipe.prepare(common.crop_flip(images, plan.shifts, plan.flips))
+    batched = recipe.model_input(common.crop_flip(images, plan.shifts, plan.flips))
     assert plain.shape == batched.shape == (10, 3, 64, 64)
     # PIL rounds its resized pixels to 8 bits; the batched resize works in float
     pixel = 1 / 255 / min(common.IMAGENET_STD)

@@ -45,7 +45,7 @@ def test_head_on_cached_features_equals_full_model(resnet, image_folders):
     model = recipe.build_model(None).eval()
     images = common.load_cifar10(image_folders)["test_images"][:8]
     with torch.no_grad():
-        inputs = recipe.prepare(images)
+        inputs = recipe.model_input(images)
         assert torch.allclose(model.fc(resnet.backbone_features(model, inputs)), model(inputs),
                               atol=1e-5)
 

@@ -47,20 +47,20 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(cnn, image_folders, tmp_path
     base = ["--data-dir", str(image_folders), *CNN_FAST, "--epochs", "2"]
     assert cnn.main(base + ["--out", str(tmp_path / "straight")]) == 0
 
-    original = cnn.CNNRecipe.after_step
+    original = cnn.Lookahead.step
 
-    def after_step(self, model, step, total_steps):
+    def after_step(self, model, step, total_steps):  # runs after every optimizer step
         original(self, model, step, total_steps)
         if step == 5:  # in the middle of epoch 2 (3 steps per epoch)
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(cnn.CNNRecipe, "after_step", after_step)
+    monkeypatch.setattr(cnn.Lookahead, "step", after_step)
     assert cnn.main(base + ["--out", str(tmp_path / "cut")]) == 130
     printed = capsys.readouterr().out
     assert f"--resume {tmp_path / 'cut' / 'checkpoint.pt'}" in printed
     saved = state_of(tmp_path / "cut")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
-    monkeypatch.setattr(cnn.CNNRecipe, "after_step", original)
+    monkeypatch.setattr(cnn.Lookahead, "step", original)
     assert cnn.main(["--resume", str(tmp_path / "cut" / "checkpoint.pt")]) == 0
     assert_same_run(tmp_path / "straight", tmp_path / "cut")
 

@@ -97,7 +97,7 @@ def test_augmentation_translates_with_reflection_and_flips():
 def test_whitening_layer_decorrelates_patches(cnn, image_folders):
     data = common.load_cifar10(image_folders)
     recipe = cnn.CNNRecipe(cnn.build_parser().parse_args([]))
-    images = recipe.prepare(data["train_images"])
+    images = recipe.model_input(data["train_images"])
     conv = torch.nn.Conv2d(3, 24, 2)
     cnn.init_whitening(conv, images, eps=0)
     out = torch.nn.functional.conv2d(images, conv.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
