@@ -256,3 +256,30 @@ def test_out_of_a_finished_run_is_not_overwritten(cnn, image_folders, trained, c
     assert (trained / "metrics.json").read_bytes() == before
     assert cnn.main(["--data-dir", str(image_folders), "--out", str(trained), *CNN_FAST,
                      "--epochs", "1", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("script", ["cnn", "resnet"])
+def test_resume_takes_every_flag_from_the_checkpoint_unless_per_run_or_given(request, script):
+    parser = request.getfixturevalue(script).build_parser()
+    defaults = vars(parser.parse_args([]))
+    assert set(common.PER_RUN_FLAGS) <= set(defaults)  # no stale names
+    saved = {name: f"saved {name}" for name in defaults}
+    argv = ["--resume", "run/checkpoint.pt", "--epochs", "7"]
+    args = common.resume_args(parser.parse_args(argv), common.flags_given(parser, argv), saved)
+    for name, value in vars(args).items():
+        if name in ("resume", "epochs"):  # given again: the command line wins
+            assert value == {"resume": "run/checkpoint.pt", "epochs": 7}[name]
+        elif name in common.PER_RUN_FLAGS:  # belongs to this invocation: never taken
+            assert value == defaults[name], name
+        else:  # everything else continues the saved run
+            assert value == saved[name], name
+
+
+def test_help_lists_every_flag_with_its_default_in_groups(cnn, resnet):
+    for module in (cnn, resnet):
+        text = module.build_parser().format_help()
+        for group in ("data:", "schedule:", "device and precision:", "output and resume:",
+                      "inference:", "recipe:"):
+            assert f"\n{group}\n" in text, group
+        flags = vars(module.build_parser().parse_args([]))
+        assert " ".join(text.split()).count("(default:") == len(flags)
