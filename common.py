@@ -102,12 +102,9 @@ def fail_cleanly(main):
     """Call main() and turn the user-facing exceptions into one line and an exit code."""
     try:
         return main()
-    except UserError as error:
+    except (UserError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UserError) else 1
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -146,10 +143,8 @@ def make_parser(description, defaults):
          help="horizontal flips: each image every other epoch, coin flips, or none "
               "(default: %(default)s)")
     data("--pipeline", choices=("batched", "plain"), default="batched",
-         help="how training batches are made: batched augments whole batches of the dataset "
-              "held on the device; plain crops, flips, resizes and normalises one PIL image at "
-              "a time in DataLoader worker processes and feeds NCHW tensors, the textbook way, "
-              "for speed comparisons (same augmentation either way) (default: %(default)s)")
+         help="batched: whole batches augmented on the device; plain: one PIL image at a time "
+              "in DataLoader workers, the textbook way, to compare speeds (default: %(default)s)")
     data("--workers", type=int, default=2, metavar="N",
          help="DataLoader worker processes for --pipeline plain; 0 makes the batches in the "
               "training process (default: %(default)s)")
@@ -297,15 +292,10 @@ def cpu_has_native_bf16():
     return any(probe() for probe in probes)
 
 
-def torch_version():
-    """The installed torch's (major, minor)."""
-    return tuple(int(part) for part in torch.__version__.split(".")[:2])
-
-
 def mps_has_fp16_training():
     """fp16 training on MPS needs autocast there (torch 2.5) and the grad scaler's MPS
     kernels (torch 2.8); with an older torch a Mac trains in float32."""
-    return torch_version() >= (2, 8)
+    return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 def pick_amp_dtype(device, enabled):
@@ -928,14 +918,10 @@ def zero_momentum_buffers(optimizer):
 
 
 def tensors_in(state):
-    """The tensors in nested dicts and lists, in a fixed order."""
-    if torch.is_tensor(state):
-        return [state]
+    """The tensors in nested dicts, in a fixed order."""
     if isinstance(state, dict):
         return [t for key in sorted(state) for t in tensors_in(state[key])]
-    if isinstance(state, (list, tuple)):
-        return [t for item in state for t in tensors_in(item)]
-    return []
+    return [state] if torch.is_tensor(state) else []
 
 
 def load_checkpoint_file(path, what="checkpoint"):

@@ -35,10 +35,10 @@ def test_cuda_precision_follows_compute_capability(monkeypatch, capability, expe
     assert common.pick_amp_dtype(device, enabled=False) is None
 
 
-@pytest.mark.parametrize("version, expected", [((2, 4), None), ((2, 7), None), ((2, 8), FP16),
-                                               ((2, 14), FP16)])
+@pytest.mark.parametrize("version, expected", [("2.4.1", None), ("2.7.0", None), ("2.8.0", FP16),
+                                               ("2.14.1+cpu", FP16)])
 def test_mps_precision_follows_the_installed_torch(monkeypatch, version, expected):
-    monkeypatch.setattr(common, "torch_version", lambda: version)
+    monkeypatch.setattr(torch, "__version__", version)
     assert common.pick_amp_dtype(torch.device("mps"), enabled=True) == expected
 
 
