@@ -23,6 +23,7 @@ one image at a time) with the same augmentation, so the two can be timed side by
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
@@ -394,6 +395,15 @@ def gather_rows(local, n):
     return gathered[:n]
 
 
+def from_rank0(make):
+    """make() on rank 0, its result (any picklable object) on every rank."""
+    if not dist.is_initialized():
+        return make()
+    box = [make() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_from_rank0(tensors):
     """Make every rank's copies of these tensors equal to rank 0's (rank 0 is the one that
     saves the checkpoint). DDP keeps the parameters equal, but each rank updates its own
@@ -534,6 +544,63 @@ def to_float(images_uint8, mean, std):
     mean, std = _pixel_stats(mean, std, x.device)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
+def default_cache_dir():
+    """$XDG_CACHE_HOME/cifar10-training (~/.cache/cifar10-training by default): the user's
+    cache, never next to the data, which may be read-only."""
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar10-training")
+
+
+def digest(value):
+    """sha256 of tensors' contents (in dicts, by sorted key) and plain values."""
+    sha = hashlib.sha256()
+    for key, item in sorted(value.items()) if isinstance(value, dict) else [("", value)]:
+        sha.update(str(key).encode())
+        if torch.is_tensor(item):
+            sha.update(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            sha.update(repr(item).encode())
+    return sha.hexdigest()
+
+
+class DiskCache:
+    """The one folder for everything the scripts cache: tensors under a key.
+
+    A key is a dict naming everything that determines the tensors (content digests
+    included); the file is named by its digest and holds the key too, so that a file of
+    another key is recognised. Writes are atomic. An unreadable, truncated or mismatched
+    file is one warning line and a recomputation, never a crash or a wrong result.
+    """
+
+    def __init__(self, folder):
+        self.folder = None if folder == "none" else Path(folder)
+
+    def path(self, key):
+        return self.folder / f"{key['what'].replace(' ', '-')}-{digest(key)[:32]}.pt"
+
+    def load(self, key):
+        if self.folder is None or not self.path(key).is_file():
+            return None
+        try:
+            entry = torch.load(self.path(key), map_location="cpu", weights_only=True)
+            if entry["key"] != key:
+                raise ValueError("it holds another entry")
+            return entry["tensor"]
+        except Exception as error:  # truncated, corrupted, another format, another key
+            print(f"warning: ignoring the cache file {self.path(key)} ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); recomputing",
+                  file=sys.stderr)
+            return None
+
+    def save(self, key, tensor):
+        if self.folder is None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_atomically({"key": key, "tensor": tensor}, self.path(key), torch.save)
+        except OSError as error:
+            print(f"warning: could not write the cache file {self.path(key)} ({error})",
+                  file=sys.stderr)
+
 # -----------------------------------------------------------------------------
 # Augmentation: random translation with reflection and horizontal flips, in batches
 
@@ -590,7 +657,7 @@ def make_input_source(args, recipe, model, data, device, precision):
     """The one place that picks where training inputs come from."""
     frozen = recipe.frozen_parts(model)
     if frozen is not None:
-        return CachedFeatures(recipe, model, data, precision, *frozen)
+        return CachedFeatures(recipe, model, data, precision, *frozen, DiskCache(args.feature_cache))
     if args.pipeline == "plain":
         return PlainBatches(recipe, model, data, args.workers, device)
     return DeviceBatches(recipe, model, data)
@@ -677,11 +744,12 @@ class CachedFeatures:
     The training images pass through the backbone twice, as they are and mirrored; each
     epoch picks one of the two per image, which is the flip augmentation (random shifts
     would need a pass per shift, so there are none). After that pass every epoch costs
-    only the head.
+    only the head. The features are kept in the disk cache, so a later run with other
+    head flags (--lr, --epochs, --seed, ...) reads them instead of running the backbone.
     """
 
-    def __init__(self, recipe, model, data, precision, backbone, head):
-        self.recipe, self.model, self.precision = recipe, model, precision
+    def __init__(self, recipe, model, data, precision, backbone, head, cache):
+        self.recipe, self.model, self.precision, self.cache = recipe, model, precision, cache
         self.backbone = backbone  # model input -> the head's input
         self.train_images, self.test_images = data["train_images"], data["test_images"]
         self.train_module = self.eval_module = head
@@ -690,15 +758,30 @@ class CachedFeatures:
 
     def setup(self, poll):
         started = time.perf_counter()
-        log(f"computing the frozen backbone's features of {len(self.train_images)} training "
-            f"images, their mirror images and {len(self.test_images)} test images at "
-            f"{self.recipe.input_size} px; this pass is most of the run")
-        self.train_features = self.features(self.train_images, "training images", poll)
-        self.mirrored_features = self.features(self.train_images, "mirror images", poll, mirror=True)
-        self.test_inputs = self.features(self.test_images, "test images", poll)
+        backbone = {k: v for k, v in self.model.state_dict().items() if not k.startswith("fc.")}
+        self.key = {"what": "frozen features", "recipe": self.recipe.name,
+                    "backbone": digest(backbone), "image_size": self.recipe.input_size,
+                    "precision": self.precision.name, "device": self.precision.device_type}
+        self.train_features = self.cached(self.train_images, "training images", poll)
+        self.mirrored_features = self.cached(self.train_images, "mirror images", poll, mirror=True)
+        self.test_inputs = self.cached(self.test_images, "test images", poll)
         self.feature_seconds = time.perf_counter() - started
-        log(f"computed the frozen backbone's features of {2 * len(self.train_features)} "
-            f"training and {len(self.test_inputs)} test images in {self.feature_seconds:.1f} s")
+        log(f"features of {2 * len(self.train_features)} training and {len(self.test_inputs)} "
+            f"test images ready in {self.feature_seconds:.1f} s")
+
+    def cached(self, images, what, poll, mirror=False):
+        """The features of images from the cache, or computed (and then cached)."""
+        key = {**self.key, "images": digest(images), "mirror": mirror}
+        features = from_rank0(lambda: self.cache.load(key))
+        if features is not None:
+            log(f"read the features of {len(images)} {what} from {self.cache.path(key)}")
+            return features.to(images.device)
+        log(f"computing the frozen backbone's features of {len(images)} {what} at "
+            f"{self.recipe.input_size} px (cached for later runs)")
+        features = self.features(images, what, poll, mirror)
+        if is_main_process():
+            self.cache.save(key, features.cpu())
+        return features
 
     @torch.no_grad()
     def features(self, images, what, poll, mirror=False):

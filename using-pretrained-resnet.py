@@ -70,6 +70,10 @@ def build_parser():
         help="with --freeze, run the frozen backbone on every batch of every epoch instead of "
              "computing its features once: much slower, but it allows random shifts, and it "
              "is the baseline the feature cache is timed against (default: off)")
+    add("--feature-cache", default=common.default_cache_dir(), metavar="DIR|none",
+        help="with --freeze, where the frozen backbone's features are kept between runs, so "
+             "that a run with other head flags reads them instead of running the backbone; "
+             "none turns the cache off (default: %(default)s)")
     add("--image-size", type=int, default=IMAGE_SIZE, metavar="PX",
         help="side in pixels the 32x32 images are resized to, at least 32 (default: %(default)s)")
     return parser

@@ -28,6 +28,12 @@ def load_script(filename):
     return module
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Each test's runs cache into a folder of their own, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def cnn():
     return load_script("using-simple-CNN.py")

@@ -1,0 +1,111 @@
+"""--freeze's features on disk: read back by later runs, identical to computing them, and
+never trusted when the file is broken or belongs to something else."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from conftest import ROOT
+import common
+
+TIMINGS = {"seconds", "epoch_seconds", "images_per_second", "train_seconds", "total_seconds",
+           "feature_seconds"}
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    torch.manual_seed(1)
+    path = tmp_path / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def frozen_run(resnet, data_dir, out, weights, cache, *extra):
+    argv = ["--data-dir", str(data_dir), "--out", str(out), "--weights", str(weights),
+            "--image-size", "32", "--batch-size", "16", "--device", "cpu", "--freeze",
+            "--epochs", "2", "--feature-cache", str(cache), *extra]
+    assert resnet.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("args")
+    metrics["epochs"] = [{k: v for k, v in e.items() if k not in TIMINGS} for e in metrics["epochs"]]
+    return {k: v for k, v in metrics.items() if k not in TIMINGS}
+
+
+def no_backbone(*args, **kwargs):
+    raise AssertionError("the backbone ran although its features were cached")
+
+
+def test_second_run_reads_the_features_and_trains_identically(
+        resnet, image_folders, weights_file, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    uncached = frozen_run(resnet, image_folders, tmp_path / "a", weights_file, "none")
+    first = frozen_run(resnet, image_folders, tmp_path / "b", weights_file, cache)
+    assert len(list(cache.iterdir())) == 3  # training, mirrored and test features
+    monkeypatch.setattr(common.CachedFeatures, "features", no_backbone)
+    capsys.readouterr()
+    second = frozen_run(resnet, image_folders, tmp_path / "c", weights_file, cache)
+    assert capsys.readouterr().out.count("read the features of") == 3
+    assert uncached == first == second
+    # other head flags still read the same features
+    other = frozen_run(resnet, image_folders, tmp_path / "d", weights_file, cache,
+                       "--lr", "0.05", "--seed", "7", "--epochs", "3")
+    assert len(other["epochs"]) == 3
+
+
+def test_key_covers_weights_size_and_images(resnet, image_folders, weights_file, tmp_path):
+    cache = tmp_path / "cache"
+    frozen_run(resnet, image_folders, tmp_path / "a", weights_file, cache)
+    frozen_run(resnet, image_folders, tmp_path / "b", "none", cache)  # other backbone weights
+    frozen_run(resnet, image_folders, tmp_path / "c", weights_file, cache, "--image-size", "40")
+    frozen_run(resnet, image_folders, tmp_path / "d", weights_file, cache, "--subset", "50")
+    # 3 new entries each time, except the test images of --subset 50, which are all 40 again
+    assert len(list(cache.iterdir())) == 3 + 3 + 3 + 2
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other entry"])
+def test_broken_cache_file_is_a_warning_and_a_recomputation(
+        resnet, image_folders, weights_file, tmp_path, capsys, damage):
+    cache = tmp_path / "cache"
+    good = frozen_run(resnet, image_folders, tmp_path / "a", weights_file, cache)
+    files = sorted(cache.iterdir(), key=lambda p: p.stat().st_size)
+    victim = files[-1]  # a training-feature file
+    if damage == "garbage":
+        victim.write_bytes(b"not a cache file")
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim.write_bytes(files[0].read_bytes())  # the test features' file, under this name
+    capsys.readouterr()
+    again = frozen_run(resnet, image_folders, tmp_path / "b", weights_file, cache)
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(victim) in warnings[0] and "recomputing" in warnings[0]
+    assert "Traceback" not in err
+    assert again == good
+    torch.load(victim, weights_only=True)  # rewritten whole
+
+
+def test_torchrun_rank0_writes_and_every_rank_reads(image_folders, weights_file, tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outputs = []
+    for run in ("a", "b"):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(ROOT / "using-pretrained-resnet.py"), "--data-dir", str(image_folders),
+             "--out", str(tmp_path / run), "--weights", str(weights_file), "--image-size", "32",
+             "--batch-size", "16", "--device", "cpu", "--freeze", "--epochs", "2",
+             "--feature-cache", str(cache)], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+        assert len(list(cache.iterdir())) == 3
+    assert outputs[0].count("computing the frozen backbone's features") == 3
+    assert outputs[1].count("read the features of") == 3
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("a", "b")]
+    assert metrics[0]["confusion_matrix"] == metrics[1]["confusion_matrix"]
+    assert metrics[0]["epochs"][-1]["train_loss"] == metrics[1]["epochs"][-1]["train_loss"]
