@@ -184,6 +184,8 @@ def make_parser(description, defaults):
     output("--resume", default=None, metavar="CKPT",
            help="continue the run saved in CKPT exactly where it stopped; flags not given "
                 "again are taken from it (default: none)")
+    output("--no-plots", action="store_true",
+           help="write no curves.png and confusion.png next to metrics.json (default: off)")
     output("--stop-after", type=positive_int, default=None, metavar="K",
            help="end cleanly after epoch K of the planned --epochs, to continue later with "
                 "--resume (default: run all epochs)")
@@ -657,7 +659,8 @@ def make_input_source(args, recipe, model, data, device, precision):
     """The one place that picks where training inputs come from."""
     frozen = recipe.frozen_parts(model)
     if frozen is not None:
-        return CachedFeatures(recipe, model, data, precision, *frozen, DiskCache(args.feature_cache))
+        return CachedFeatures(recipe, model, data, precision, *frozen,
+                              DiskCache(args.feature_cache), compile=args.compile)
     if args.pipeline == "plain":
         return PlainBatches(recipe, model, data, args.workers, device)
     return DeviceBatches(recipe, model, data)
@@ -748,9 +751,17 @@ class CachedFeatures:
     head flags (--lr, --epochs, --seed, ...) reads them instead of running the backbone.
     """
 
-    def __init__(self, recipe, model, data, precision, backbone, head, cache):
+    def __init__(self, recipe, model, data, precision, backbone, head, cache, compile=False):
         self.recipe, self.model, self.precision, self.cache = recipe, model, precision, cache
         self.backbone = backbone  # model input -> the head's input
+        # uint8 images -> features; with --compile, inductor also folds the frozen weights
+        # and BatchNorm into the convolutions and fuses the resize (inference only)
+        self.images_to_features = lambda images: backbone(recipe.model_input(images)).float()
+        self.compiled, self.inference_settings = compile, nullcontext
+        if compile:
+            import torch._inductor.config
+            self.images_to_features = torch.compile(self.images_to_features)
+            self.inference_settings = functools.partial(torch._inductor.config.patch, freezing=True)
         self.train_images, self.test_images = data["train_images"], data["test_images"]
         self.train_module = self.eval_module = head
         self.test_inputs, self.test_input = None, lambda features: features  # see setup()
@@ -761,7 +772,8 @@ class CachedFeatures:
         backbone = {k: v for k, v in self.model.state_dict().items() if not k.startswith("fc.")}
         self.key = {"what": "frozen features", "recipe": self.recipe.name,
                     "backbone": digest(backbone), "image_size": self.recipe.input_size,
-                    "precision": self.precision.name, "device": self.precision.device_type}
+                    "precision": self.precision.name, "device": self.precision.device_type,
+                    "compiled": self.compiled}
         self.train_features = self.cached(self.train_images, "training images", poll)
         self.mirrored_features = self.cached(self.train_images, "mirror images", poll, mirror=True)
         self.test_inputs = self.cached(self.test_images, "test images", poll)
@@ -800,8 +812,11 @@ class CachedFeatures:
             if len(batch):
                 if mirror:
                     batch = batch.flip(2)  # NHWC: axis 2 is the width
-                with self.precision.autocast():
-                    parts.append(self.backbone(self.recipe.model_input(batch)).float())
+                if self.compiled and len(batch) < FEATURE_BATCH_SIZE:  # one shape, one compile
+                    batch = torch.cat([batch, batch.new_zeros((FEATURE_BATCH_SIZE - len(batch),)
+                                                              + batch.shape[1:])])
+                with self.precision.autocast(), self.inference_settings():
+                    parts.append(self.images_to_features(batch)[:min(end - i, len(batch))])
             if (n + 1) % read_every == 0:
                 poll()
         empty = images.new_zeros((0, self.train_module.in_features), dtype=torch.float32)
@@ -1064,6 +1079,64 @@ def save_json(obj, path):
     save_atomically(obj, path, write)
 
 
+def save_pictures(out, history=None, confusion=None, final_accuracy=None):
+    """curves.png (from the per-epoch history) and confusion.png, written atomically; a
+    failure is one warning line, never a lost run. matplotlib draws without a display."""
+    try:
+        from matplotlib.figure import Figure  # imported here: only pictures need it
+        figures = {}
+        if history:
+            figures["curves.png"] = draw_curves(Figure(figsize=(9, 3.6)), history, final_accuracy)
+        if confusion is not None:
+            figures["confusion.png"] = draw_confusion(Figure(figsize=(7.4, 5.6)), confusion)
+        for name, figure in figures.items():
+            save_atomically(figure, Path(out) / name,
+                            lambda f, p: f.savefig(p, format="png", dpi=80, bbox_inches="tight"))
+    except Exception as error:  # no matplotlib, a full disk, ...
+        print(f"warning: could not draw the pictures in {out} ({type(error).__name__}: "
+              f"{error}); the checkpoint and metrics.json are unaffected", file=sys.stderr)
+
+
+def draw_curves(figure, history, final_accuracy):
+    epochs = [e["epoch"] for e in history]
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    loss_axes.plot(epochs, [e["train_loss"] for e in history], "o-", color="tab:red")
+    loss_axes.set(title="training loss", ylabel="loss")
+    accuracy_axes.plot(epochs, [100 * e["train_accuracy"] for e in history], "o-", label="training")
+    accuracy_axes.plot(epochs, [100 * e["test_accuracy"] for e in history], "o-", label="test")
+    if final_accuracy is not None:
+        accuracy_axes.plot([epochs[-1]], [100 * final_accuracy], "*", markersize=12, color="k",
+                           label=f"final, with TTA: {100 * final_accuracy:.2f}%")
+    accuracy_axes.set(title="accuracy", ylabel="%")
+    accuracy_axes.legend(loc="lower right")
+    for axes in (loss_axes, accuracy_axes):  # epochs below, seconds since the start above
+        axes.grid(alpha=0.3)
+        axes.set_xticks(epochs)
+        axes.set_xlabel("epoch (seconds since the start)")
+        axes.set_xticklabels([f"{e['epoch']}\n{e['seconds']:.0f} s" for e in history],
+                             fontsize=7 if len(epochs) > 10 else 9)
+    figure.tight_layout()
+    return figure
+
+
+def draw_confusion(figure, confusion):
+    counts = np.array(confusion)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, column), count in np.ndenumerate(counts):
+        axes.text(column, row, str(count), ha="center", va="center", fontsize=7,
+                  color="white" if shares[row, column] > 0.5 else "black")
+    names = list(CLASSES)
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set_yticks(range(len(names)), [f"{name}  {100 * shares[i, i]:.1f}%"
+                                        for i, name in enumerate(names)])
+    axes.set(xlabel="predicted class", ylabel="true class (and its accuracy)",
+             title=f"confusion matrix: {counts.trace()} of {counts.sum()} right")
+    figure.colorbar(image, ax=axes, label="share of the true class")
+    return figure
+
+
 def plain_args(args):
     """vars(args) with only JSON/pickle-safe primitives, for checkpoints and metrics."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -1231,6 +1304,8 @@ def fit(trainer, stop):
         record = trainer.end_epoch(stats, result["test_accuracy"], time.perf_counter() - wall_start)
         log(epoch_line(record, args.epochs))
         trainer.save()
+        if is_main_process() and not args.no_plots:
+            save_pictures(trainer.out, trainer.history, result["confusion_matrix"])
 
 
 def finish(trainer, started):
@@ -1253,6 +1328,9 @@ def finish(trainer, started):
     }
     if is_main_process():
         save_json(metrics, trainer.out / "metrics.json")
+        if not trainer.args.no_plots:
+            save_pictures(trainer.out, trainer.history, result["confusion_matrix"],
+                          result["test_accuracy"])
     log(f"test accuracy {100 * result['test_accuracy']:.2f}% after {trainer.epoch} epochs, "
         f"{trainer.train_seconds:.1f} s of training steps, {metrics['total_seconds']:.1f} s in "
         f"all; results in {trainer.out}")
@@ -1351,6 +1429,8 @@ def run_from_checkpoint(args, recipe, device, precision, started):
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         save_json(metrics, out / "metrics.json")
+        if not args.no_plots:
+            save_pictures(out, confusion=result["confusion_matrix"])
     log(f"test accuracy {100 * result['test_accuracy']:.2f}% on {len(test_labels)} test images "
         f"({args.checkpoint}); metrics in {out / 'metrics.json'}")
     return 0

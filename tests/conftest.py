@@ -31,7 +31,7 @@ def load_script(filename):
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     """Each test's runs cache into a folder of their own, never the user's ~/.cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +99,8 @@ def torchvision_layout(tmp_path, monkeypatch):
     return tmp_path
 
 
-# Small, fast settings: the tests check behaviour, not accuracy.
-CNN_FAST = ["--widths", "8,16,16", "--batch-size", "32", "--device", "cpu"]
-RESNET_FAST = ["--weights", "none", "--image-size", "32", "--batch-size", "16", "--device", "cpu"]
+# Small, fast settings: the tests check behaviour, not accuracy (and pictures only where
+# they test pictures: drawing them takes longer than training these models).
+CNN_FAST = ["--widths", "8,16,16", "--batch-size", "32", "--device", "cpu", "--no-plots"]
+RESNET_FAST = ["--weights", "none", "--image-size", "32", "--batch-size", "16", "--device", "cpu",
+               "--no-plots"]
