@@ -7,12 +7,12 @@ recipe (a Recipe subclass); everything else lives here, in the order data flows:
   command line                   the shared flags in --help groups; resume's flag merge
   device and precision           CUDA, MPS or CPU; bf16, fp16 or float32, per device
   distributed                    torchrun: process group, shards, rank 0's state to all
-  data                           CIFAR-10 in either layout, as uint8 tensors
+  data                           CIFAR-10 in either layout, as uint8 tensors; the disk cache
   augmentation                   each epoch's plan; translate and flip as one gather
   input sources                  where each step's inputs come from (the one extension point)
-  trainer state and checkpoints  one run's state, saved and restored exactly
+  trainer state and checkpoints  one run's state, saved and restored exactly; metrics, pictures
   train and evaluate             the Recipe, train_one_epoch, evaluate, fit, finish
-  entry point                    run(): what both scripts' main() call
+  entry point                    run(): what both scripts' main() call; --predict, --export
 
 The whole dataset is decoded once into a uint8 tensor on the training device and
 augmented there in whole batches: no per-image Python work and no DataLoader workers in
@@ -31,6 +31,7 @@ import pickle
 import signal
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -56,7 +57,8 @@ HOST_READ_EVERY = 25   # training steps between host reads of device values on a
 EVAL_BATCH_SIZE = 500  # test images per evaluation batch
 FEATURE_BATCH_SIZE = 250  # images per batch of a frozen backbone's feature pass
 # Flags that belong to one invocation; --resume takes every other flag from the checkpoint
-PER_RUN_FLAGS = ("resume", "stop_after", "out", "overwrite", "checkpoint", "eval_only", "predict")
+PER_RUN_FLAGS = ("resume", "stop_after", "out", "overwrite", "checkpoint", "eval_only", "predict",
+                 "export")
 
 
 class UserError(Exception):
@@ -198,18 +200,31 @@ def make_parser(description, defaults):
     inference("--predict", nargs="+", default=None, metavar="IMAGE",
               help="with --checkpoint: print each image's top classes with probabilities; any "
                    "size is resized to 32x32 (default: none)")
+    inference("--export", default=None, metavar="FILE.onnx|FILE.pt2",
+              help="with --checkpoint: write the model for deployment, ONNX or torch.export by "
+                   "the suffix; it takes uint8 RGB images (N, 32, 32, 3) and returns (N, 10) "
+                   "logits, normalisation, resize and test-time augmentation included "
+                   "(default: none)")
     return parser, parser.add_argument_group("recipe")
 
 
 def check_args(args):
     """Cross-flag checks that argparse cannot express; each failure is one line."""
-    if (args.eval_only or args.predict) and not args.checkpoint:
-        flag = "--eval-only" if args.eval_only else "--predict"
-        raise UserError(f"{flag} needs --checkpoint CKPT (a checkpoint.pt written by a training run)")
-    if args.checkpoint and not (args.eval_only or args.predict):
-        raise UserError("--checkpoint is for --eval-only or --predict; to continue training use --resume")
-    if args.resume and (args.eval_only or args.predict):
-        raise UserError("--resume continues training; use --checkpoint with --eval-only or --predict")
+    inference = [flag for flag, on in (("--eval-only", args.eval_only), ("--predict", args.predict),
+                                       ("--export", args.export)) if on]
+    if inference and not args.checkpoint:
+        raise UserError(f"{inference[0]} needs --checkpoint CKPT (a checkpoint.pt written by a "
+                        f"training run)")
+    if len(inference) > 1:
+        raise UserError(f"{inference[0]} and {inference[1]} are separate runs: give one of them")
+    if args.checkpoint and not inference:
+        raise UserError("--checkpoint is for --eval-only, --predict or --export; to continue "
+                        "training use --resume")
+    if args.resume and inference:
+        raise UserError(f"--resume continues training; use --checkpoint with {inference[0]}")
+    if args.export and Path(args.export).suffix not in (".onnx", ".pt2"):
+        raise UserError(f"--export {args.export}: the file name must end in .onnx (ONNX) or "
+                        f".pt2 (torch.export)")
     if args.stop_after is not None and args.stop_after > args.epochs:
         raise UserError(f"--stop-after {args.stop_after} is beyond --epochs {args.epochs}")
     if args.workers < 0:
@@ -789,7 +804,7 @@ class CachedFeatures:
             log(f"read the features of {len(images)} {what} from {self.cache.path(key)}")
             return features.to(images.device)
         log(f"computing the frozen backbone's features of {len(images)} {what} at "
-            f"{self.recipe.input_size} px (cached for later runs)")
+            f"{self.recipe.input_size} px" + (" (cached for later runs)" if self.cache.folder else ""))
         features = self.features(images, what, poll, mirror)
         if is_main_process():
             self.cache.save(key, features.cpu())
@@ -1364,15 +1379,19 @@ def run(parser, argv, recipe_class):
     precision = Precision(device, not args.no_amp)  # probes this rank's own device
     try:
         torch.manual_seed(args.seed)
-        if args.eval_only or args.predict:
-            code = run_from_checkpoint(args, recipe, device, precision, started)
-        else:
-            code = train(args, checkpoint, recipe, device, precision, started)
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears the process group down while another still uses it
-        return code
+        if args.eval_only or args.predict or args.export:
+            return run_from_checkpoint(args, recipe, device, precision, started)
+        return train(args, checkpoint, recipe, device, precision, started)
     finally:
         if dist.is_initialized():
+            # gloo's worker threads free the last all_reduce's tensors just after it returns,
+            # which needs the GIL; a thread still asking for it once the interpreter shuts
+            # down is killed inside a C++ destructor (std::terminate: "terminate called
+            # without an active exception", SIGABRT). A barrier releases the GIL until every
+            # rank is done. Not after an error that only some ranks may have met: the others
+            # would wait for it in vain. (A diverged loss is met by every rank, at one step.)
+            if sys.exc_info()[0] in (None, TrainingDiverged):
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -1408,7 +1427,8 @@ def train(args, checkpoint, recipe, device, precision, started):
 
 
 def run_from_checkpoint(args, recipe, device, precision, started):
-    """--eval-only and --predict: rebuild the model with the checkpoint's own architecture."""
+    """--eval-only, --predict and --export: rebuild the model with the checkpoint's own
+    architecture."""
     checkpoint = load_checkpoint(args.checkpoint, recipe.name)
     for key in recipe.architecture_flags:
         if key in checkpoint["args"]:
@@ -1417,6 +1437,9 @@ def run_from_checkpoint(args, recipe, device, precision, started):
     load_model_state(model, checkpoint["model"], args.checkpoint)
     if args.predict:
         predict_files(recipe, model, args.predict, device, precision)
+        return 0
+    if args.export:
+        export(Deployable(recipe, model.cpu().float()), Path(args.export))
         return 0
     out = prepare_out_dir(args, recipe.name)
     data = load_cifar10(args.data_dir, args.subset)
@@ -1452,3 +1475,42 @@ def predict_files(recipe, model, paths, device, precision):
         top = p.topk(3)
         ranked = ", ".join(f"{CLASSES[i]} {100 * v:.1f}%" for v, i in zip(top.values, top.indices))
         print(f"{path}: {ranked}")
+
+
+class Deployable(nn.Module):
+    """uint8 RGB images (N, 32, 32, 3) -> (N, 10) logits, as --predict computes them:
+    normalisation, any resize and the recipe's test-time augmentation included."""
+
+    def __init__(self, recipe, model):
+        super().__init__()
+        self.recipe, self.model = recipe, model
+        self.eval()
+
+    def forward(self, images):
+        return self.recipe.logits(self.model, self.recipe.model_input(images), final=True)
+
+
+def export(module, path):
+    """Write module to FILE.onnx (ONNX, torch.onnx's dynamo exporter) or FILE.pt2
+    (torch.export), with the batch size left free."""
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    batch = {0: torch.export.Dim("batch", min=1, max=65536)}
+    if path.suffix == ".onnx":
+        try:
+            import onnx  # noqa: F401  (torch.onnx needs both, and says so less clearly)
+            import onnxscript  # noqa: F401
+        except ImportError as error:
+            raise UserError(f"exporting to ONNX needs the {error.name} package: "
+                            f"pip install onnx onnxscript onnxruntime") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        if path.suffix == ".onnx":
+            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
+                                        output_names=["logits"], dynamic_shapes=(batch,))
+            save_atomically(program, path, lambda p, tmp: p.save(str(tmp)))
+        else:
+            program = torch.export.export(module, (example,), dynamic_shapes=(batch,))
+            with warnings.catch_warnings():  # torch's own notice about CPU weights: ours are
+                warnings.filterwarnings("ignore", "No complete tensor found")
+                save_atomically(program, path, lambda p, tmp: torch.export.save(p, str(tmp)))
+    log(f"exported to {path}: uint8 images (N, 32, 32, 3) -> (N, {len(CLASSES)}) logits")

@@ -248,6 +248,17 @@ def test_bad_checkpoint_files(cnn, trained, tmp_path, capsys):
         assert expected in error_of(cnn.main, ["--resume", path], capsys)
 
 
+def test_checkpoint_of_an_older_layout_evaluates_but_does_not_resume(cnn, image_folders,
+                                                                      trained, tmp_path, capsys):
+    old = torch.load(trained / "checkpoint.pt", weights_only=True)
+    old["format"] = 1
+    torch.save(old, tmp_path / "old.pt")
+    line = error_of(cnn.main, ["--resume", str(tmp_path / "old.pt")], capsys)
+    assert "older version" in line and "--checkpoint" in line
+    assert cnn.main(["--data-dir", str(image_folders), "--checkpoint", str(tmp_path / "old.pt"),
+                     "--eval-only", "--out", str(tmp_path / "eval"), "--no-plots"]) == 0
+
+
 def test_out_of_a_finished_run_is_not_overwritten(cnn, image_folders, trained, capsys):
     before = (trained / "metrics.json").read_bytes()
     line = error_of(cnn.main, ["--data-dir", str(image_folders), "--out", str(trained),
