@@ -212,6 +212,8 @@ def check_args(args):
     """Cross-flag checks that argparse cannot express; each failure is one line."""
     inference = [flag for flag, on in (("--eval-only", args.eval_only), ("--predict", args.predict),
                                        ("--export", args.export)) if on]
+    if args.resume and inference:
+        raise UserError(f"--resume continues training; use --checkpoint with {inference[0]}")
     if inference and not args.checkpoint:
         raise UserError(f"{inference[0]} needs --checkpoint CKPT (a checkpoint.pt written by a "
                         f"training run)")
@@ -220,8 +222,6 @@ def check_args(args):
     if args.checkpoint and not inference:
         raise UserError("--checkpoint is for --eval-only, --predict or --export; to continue "
                         "training use --resume")
-    if args.resume and inference:
-        raise UserError(f"--resume continues training; use --checkpoint with {inference[0]}")
     if args.export and Path(args.export).suffix not in (".onnx", ".pt2"):
         raise UserError(f"--export {args.export}: the file name must end in .onnx (ONNX) or "
                         f".pt2 (torch.export)")
@@ -558,7 +558,9 @@ def _pixel_stats(mean, std, device):
 def to_float(images_uint8, mean, std):
     """uint8 NHWC batch -> normalised float NCHW in channels_last (a free view of NHWC)."""
     x = images_uint8.permute(0, 3, 1, 2).float()
-    mean, std = _pixel_stats(mean, std, x.device)
+    # (a compiled or exported graph holds its own constants: no cache to consult there)
+    stats = _pixel_stats.__wrapped__ if torch.compiler.is_compiling() else _pixel_stats
+    mean, std = stats(mean, std, x.device)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 def default_cache_dir():
@@ -595,9 +597,11 @@ class DiskCache:
         return self.folder / f"{key['what'].replace(' ', '-')}-{digest(key)[:32]}.pt"
 
     def load(self, key):
-        if self.folder is None or not self.path(key).is_file():
+        if self.folder is None:
             return None
         try:
+            if not self.path(key).is_file():
+                return None
             entry = torch.load(self.path(key), map_location="cpu", weights_only=True)
             if entry["key"] != key:
                 raise ValueError("it holds another entry")
@@ -614,9 +618,9 @@ class DiskCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             save_atomically({"key": key, "tensor": tensor}, self.path(key), torch.save)
-        except OSError as error:
-            print(f"warning: could not write the cache file {self.path(key)} ({error})",
-                  file=sys.stderr)
+        except (OSError, RuntimeError) as error:  # read-only folder, full disk, ...
+            print(f"warning: could not write the cache file {self.path(key)} ({error}); "
+                  f"continuing without it", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
 # Augmentation: random translation with reflection and horizontal flips, in batches
@@ -748,9 +752,9 @@ class PlainBatches(DeviceBatches):
 
     def batches(self, steps, plan):
         steps = list(steps)
+        indices = torch.stack([idx for _, idx in steps]).tolist() if steps else []  # one read
         loader = torch.utils.data.DataLoader(
-            PlainImages(self.cpu_images, plan, self.recipe),
-            batch_sampler=[idx.tolist() for _, idx in steps],
+            PlainImages(self.cpu_images, plan, self.recipe), batch_sampler=indices,
             num_workers=self.workers, pin_memory=self.device.type == "cuda")
         for (step, idx), inputs in zip(steps, loader):
             yield step, idx, inputs.to(self.device, non_blocking=True)
@@ -788,7 +792,8 @@ class CachedFeatures:
         self.key = {"what": "frozen features", "recipe": self.recipe.name,
                     "backbone": digest(backbone), "image_size": self.recipe.input_size,
                     "precision": self.precision.name, "device": self.precision.device_type,
-                    "compiled": self.compiled}
+                    "compiled": self.compiled, "processes": rank_and_world_size()[1],
+                    "torch": str(torch.__version__), "format": 1}  # format: bump when the pass changes
         self.train_features = self.cached(self.train_images, "training images", poll)
         self.mirrored_features = self.cached(self.train_images, "mirror images", poll, mirror=True)
         self.test_inputs = self.cached(self.test_images, "test images", poll)
@@ -994,6 +999,8 @@ class Trainer:
         load_model_state(self.model, checkpoint["model"], path)
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            for group in self.optimizer.param_groups:  # this run's device decides, not the saved one's
+                group["fused"] = self.precision.fused_optimizer or None
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             self.precision.load_state_dict(checkpoint["scaler"])
             if self.averager:
@@ -1082,8 +1089,12 @@ def save_atomically(obj, path, writer):
     leaves either the old complete file or the new complete file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    writer(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        writer(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_json(obj, path):
@@ -1108,8 +1119,13 @@ def save_pictures(out, history=None, confusion=None, final_accuracy=None):
             save_atomically(figure, Path(out) / name,
                             lambda f, p: f.savefig(p, format="png", dpi=80, bbox_inches="tight"))
     except Exception as error:  # no matplotlib, a full disk, ...
-        print(f"warning: could not draw the pictures in {out} ({type(error).__name__}: "
-              f"{error}); the checkpoint and metrics.json are unaffected", file=sys.stderr)
+        if str(out) not in save_pictures.failed:  # one warning a run, not one an epoch
+            save_pictures.failed.add(str(out))
+            print(f"warning: could not draw the pictures in {out} ({type(error).__name__}: "
+                  f"{error}); the checkpoint and metrics.json are unaffected", file=sys.stderr)
+
+
+save_pictures.failed = set()
 
 
 def draw_curves(figure, history, final_accuracy):
@@ -1121,7 +1137,7 @@ def draw_curves(figure, history, final_accuracy):
     accuracy_axes.plot(epochs, [100 * e["test_accuracy"] for e in history], "o-", label="test")
     if final_accuracy is not None:
         accuracy_axes.plot([epochs[-1]], [100 * final_accuracy], "*", markersize=12, color="k",
-                           label=f"final, with TTA: {100 * final_accuracy:.2f}%")
+                           label=f"final evaluation: {100 * final_accuracy:.2f}%")
     accuracy_axes.set(title="accuracy", ylabel="%")
     accuracy_axes.legend(loc="lower right")
     for axes in (loss_axes, accuracy_axes):  # epochs below, seconds since the start above
@@ -1260,11 +1276,11 @@ def train_one_epoch(trainer, stop, progress):
         t.sums["loss"] += loss.detach().float() * len(idx)
         t.sums["correct"] += (logits.detach().argmax(1) == labels).sum()
         t.sums["count"] += len(idx)
-        t.sums["seconds"] += time.perf_counter() - started
         t.step_in_epoch = step + 1
         if t.step_in_epoch % t.read_every == 0 or t.step_in_epoch == t.steps_per_epoch:
-            loss_sum = t.poll(stop)
+            loss_sum = t.poll(stop)  # on a GPU: waits for the queued steps, so it is timed too
             progress.set_postfix(loss=f"{loss_sum / t.sums['count']:.3f}", refresh=False)
+        t.sums["seconds"] += time.perf_counter() - started
         progress.update(1)
         started = time.perf_counter()
     return t.epoch_stats()
@@ -1502,7 +1518,17 @@ def export(module, path):
         except ImportError as error:
             raise UserError(f"exporting to ONNX needs the {error.name} package: "
                             f"pip install onnx onnxscript onnxruntime") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(f"--export {path} is a directory, not a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_export(module, path, example, batch)
+    except OSError as error:
+        raise UserError(f"--export {path}: cannot write there ({error.strerror})") from None
+    log(f"exported to {path}: uint8 images (N, 32, 32, 3) -> (N, {len(CLASSES)}) logits")
+
+
+def write_export(module, path, example, batch):
     with torch.no_grad():
         if path.suffix == ".onnx":
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
@@ -1513,4 +1539,3 @@ def export(module, path):
             with warnings.catch_warnings():  # torch's own notice about CPU weights: ours are
                 warnings.filterwarnings("ignore", "No complete tensor found")
                 save_atomically(program, path, lambda p, tmp: torch.export.save(p, str(tmp)))
-    log(f"exported to {path}: uint8 images (N, 32, 32, 3) -> (N, {len(CLASSES)}) logits")

@@ -163,16 +163,20 @@ def test_resume_across_precisions(cnn, image_folders, tmp_path, monkeypatch):
     """float32/bf16 (no scaler) -> fp16 (grad scaler) -> back, one epoch each."""
     out = tmp_path / "run"
     ckpt = str(out / "checkpoint.pt")
-    default = common.pick_amp_dtype
+    default, fused = common.pick_amp_dtype, common.Precision.fused_optimizer
     assert cnn.main(["--data-dir", str(image_folders), "--out", str(out), *CNN_FAST,
                      "--epochs", "3", "--stop-after", "1"]) == 0
     assert torch.load(ckpt, weights_only=True)["scaler"] == {}
 
+    # fp16 as on a T4: grad scaler and fused SGD (which this torch also runs on the CPU)
     monkeypatch.setattr(common, "pick_amp_dtype", lambda device, enabled: FP16)
+    monkeypatch.setattr(common.Precision, "fused_optimizer", property(lambda p: p.scaler.is_enabled()))
     assert cnn.main(["--resume", ckpt, "--stop-after", "2"]) == 0
+    assert torch.load(ckpt, weights_only=True)["optimizer"]["param_groups"][0]["fused"]
     assert torch.load(ckpt, weights_only=True)["scaler"]["scale"] > 0
 
     monkeypatch.setattr(common, "pick_amp_dtype", default)
+    monkeypatch.setattr(common.Precision, "fused_optimizer", fused)
     assert cnn.main(["--resume", ckpt]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]

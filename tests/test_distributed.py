@@ -38,18 +38,6 @@ def test_cnn_checkpoints_move_between_torchrun_and_one_process(cnn, image_folder
     assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
 
 
-def test_frozen_resnet_under_torchrun(image_folders, tmp_path):
-    out = tmp_path / "run"
-    result = torchrun("using-pretrained-resnet.py", "--data-dir", str(image_folders),
-                      "--out", str(out), *RESNET_FAST, "--freeze", "--epochs", "2")
-    assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2
-    confusion = torch.tensor(metrics["confusion_matrix"])
-    assert confusion.sum(1).tolist() == [4] * 10  # every test image counted exactly once
-
-
 def emulated_torchrun(report_dir, script, *argv, options=()):
     """torchrun over tests/emulate.py, which runs the script with the given options."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -61,33 +61,39 @@ def test_key_covers_weights_size_and_images(resnet, image_folders, weights_file,
     cache = tmp_path / "cache"
     frozen_run(resnet, image_folders, tmp_path / "a", weights_file, cache)
     frozen_run(resnet, image_folders, tmp_path / "b", "none", cache)  # other backbone weights
-    frozen_run(resnet, image_folders, tmp_path / "c", weights_file, cache, "--image-size", "40")
-    frozen_run(resnet, image_folders, tmp_path / "d", weights_file, cache, "--subset", "50")
-    # 3 new entries each time, except the test images of --subset 50, which are all 40 again
-    assert len(list(cache.iterdir())) == 3 + 3 + 3 + 2
+    frozen_run(resnet, image_folders, tmp_path / "c", weights_file, cache, "--image-size", "40",
+               "--subset", "50")  # other training images; the test images are all 40 again
+    assert len(list(cache.iterdir())) == 3 + 3 + 3
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "other entry"])
-def test_broken_cache_file_is_a_warning_and_a_recomputation(
-        resnet, image_folders, weights_file, tmp_path, capsys, damage):
+def test_broken_cache_files_are_a_warning_each_and_a_recomputation(
+        resnet, image_folders, weights_file, tmp_path, capsys):
     cache = tmp_path / "cache"
     good = frozen_run(resnet, image_folders, tmp_path / "a", weights_file, cache)
-    files = sorted(cache.iterdir(), key=lambda p: p.stat().st_size)
-    victim = files[-1]  # a training-feature file
-    if damage == "garbage":
-        victim.write_bytes(b"not a cache file")
-    elif damage == "truncated":
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    else:
-        victim.write_bytes(files[0].read_bytes())  # the test features' file, under this name
+    test_file, *train_files = sorted(cache.iterdir(), key=lambda p: p.stat().st_size)
+    damaged = {train_files[0]: b"not a cache file",  # garbage
+               train_files[1]: train_files[1].read_bytes()[:1000],  # truncated
+               test_file: train_files[0].read_bytes()}  # another entry under this name
+    for path, content in damaged.items():
+        path.write_bytes(content)
     capsys.readouterr()
     again = frozen_run(resnet, image_folders, tmp_path / "b", weights_file, cache)
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and str(victim) in warnings[0] and "recomputing" in warnings[0]
-    assert "Traceback" not in err
+    assert len(warnings) == 3 and "Traceback" not in err
+    for path in damaged:
+        assert sum(str(path) in w and "recomputing" in w for w in warnings) == 1
+        torch.load(path, weights_only=True)  # rewritten whole
     assert again == good
-    torch.load(victim, weights_only=True)  # rewritten whole
+
+
+def test_unwritable_cache_is_a_warning(resnet, image_folders, weights_file, tmp_path, capsys):
+    (tmp_path / "file").write_text("a file where the cache folder would be")
+    good = frozen_run(resnet, image_folders, tmp_path / "a", weights_file, "none")
+    capsys.readouterr()
+    assert frozen_run(resnet, image_folders, tmp_path / "b", weights_file, tmp_path / "file") == good
+    err = capsys.readouterr().err
+    assert err.count("warning: could not write the cache file") == 3 and "Traceback" not in err
 
 
 def test_torchrun_rank0_writes_and_every_rank_reads(image_folders, weights_file, tmp_path):
@@ -100,12 +106,33 @@ def test_torchrun_rank0_writes_and_every_rank_reads(image_folders, weights_file,
              str(ROOT / "using-pretrained-resnet.py"), "--data-dir", str(image_folders),
              "--out", str(tmp_path / run), "--weights", str(weights_file), "--image-size", "32",
              "--batch-size", "16", "--device", "cpu", "--freeze", "--epochs", "2",
-             "--feature-cache", str(cache)], capture_output=True, text=True, env=env, timeout=300)
+             "--feature-cache", str(cache), "--no-plots"], capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout)
         assert len(list(cache.iterdir())) == 3
     assert outputs[0].count("computing the frozen backbone's features") == 3
     assert outputs[1].count("read the features of") == 3
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checkpoint.pt", "metrics.json"]
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("a", "b")]
+    assert metrics[0]["world_size"] == 2
+    assert torch.tensor(metrics[0]["confusion_matrix"]).sum(1).tolist() == [4] * 10  # each once
     assert metrics[0]["confusion_matrix"] == metrics[1]["confusion_matrix"]
     assert metrics[0]["epochs"][-1]["train_loss"] == metrics[1]["epochs"][-1]["train_loss"]
+
+
+def test_compiled_feature_pass_matches_the_eager_one(resnet, image_folders, weights_file, tmp_path):
+    """--freeze --compile: inductor with weight freezing, the last partial batch padded."""
+    cache = tmp_path / "cache"
+    frozen_run(resnet, image_folders, tmp_path / "eager", weights_file, cache, "--no-amp")
+    frozen_run(resnet, image_folders, tmp_path / "compiled", weights_file, cache, "--no-amp",
+               "--compile", "--subset", "100")  # 100 images: a batch of 250 padded
+    entries = [torch.load(p, weights_only=True) for p in sorted(cache.iterdir())]
+    eager = {e["key"]["images"]: e["tensor"] for e in entries if not e["key"]["compiled"]}
+    compiled = [e for e in entries if e["key"]["compiled"]]
+    assert len(compiled) == 3
+    for entry in compiled:
+        if entry["key"]["images"] in eager:  # the 40 test images, in both runs
+            assert torch.allclose(entry["tensor"], eager[entry["key"]["images"]], atol=1e-4)
+            break
+    else:
+        raise AssertionError("no shared entry to compare")
