@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 from PIL import Image
 
@@ -32,6 +33,15 @@ def load_script(filename):
 def private_cache(tmp_path, monkeypatch):
     """Each test's runs cache into a folder of their own, never the user's ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    """A torchvision-format ResNet-18 state dict (random init) standing in for ImageNet's."""
+    torch.manual_seed(1)
+    path = tmp_path / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 import torchvision
 
@@ -15,14 +14,6 @@ import common
 
 TIMINGS = {"seconds", "epoch_seconds", "images_per_second", "train_seconds", "total_seconds",
            "feature_seconds"}
-
-
-@pytest.fixture
-def weights_file(tmp_path):
-    torch.manual_seed(1)
-    path = tmp_path / "resnet18-random.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    return path
 
 
 def frozen_run(resnet, data_dir, out, weights, cache, *extra):

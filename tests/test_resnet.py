@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 import torchvision
 
@@ -12,15 +11,6 @@ import common
 
 def train(resnet, data_dir, out, *extra):
     return resnet.main(["--data-dir", str(data_dir), "--out", str(out), *RESNET_FAST, *extra])
-
-
-@pytest.fixture
-def weights_file(tmp_path):
-    """A torchvision-format ResNet-18 state dict (random init) standing in for ImageNet's."""
-    torch.manual_seed(1)
-    path = tmp_path / "resnet18-random.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    return path
 
 
 def test_freeze_trains_only_the_head(resnet, image_folders, weights_file, tmp_path):
