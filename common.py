@@ -394,9 +394,14 @@ def log(*parts):
         print(*parts, flush=True)
 
 
+def rows_per_rank(n, world_size):
+    """How many of n rows each rank owns at most (the last shards may be shorter)."""
+    return -(-n // world_size)
+
+
 def shard(n, rank, world_size):
     """The rows [start, end) of n that a rank owns; the last shards may be shorter."""
-    per_rank = -(-n // world_size)
+    per_rank = rows_per_rank(n, world_size)
     return min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
 
 
@@ -404,7 +409,8 @@ def gather_rows(local, n):
     """Concatenate every rank's `local` rows (from shard()) into the full n rows, on all ranks."""
     if not dist.is_initialized():
         return local
-    per_rank, world_size = -(-n // dist.get_world_size()), dist.get_world_size()
+    world_size = dist.get_world_size()
+    per_rank = rows_per_rank(n, world_size)
     padded = local.new_zeros((per_rank,) + tuple(local.shape[1:]))
     padded[:len(local)] = local
     gathered = local.new_empty((per_rank * world_size,) + tuple(local.shape[1:]))
@@ -821,7 +827,7 @@ class CachedFeatures:
         self.model.eval()
         rank, world_size = rank_and_world_size()
         start, end = shard(len(images), rank, world_size)
-        per_rank, read_every = -(-len(images) // world_size), steps_per_host_read(images.device)
+        per_rank, read_every = rows_per_rank(len(images), world_size), steps_per_host_read(images.device)
         parts = []
         # Every rank makes the same number of passes (a shorter shard's last may be empty),
         # so poll(), a collective under torchrun, is called equally often on all.
