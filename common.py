@@ -569,6 +569,7 @@ def to_float(images_uint8, mean, std):
     mean, std = stats(mean, std, x.device)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
+
 def default_cache_dir():
     """$XDG_CACHE_HOME/cifar10-training (~/.cache/cifar10-training by default): the user's
     cache, never next to the data, which may be read-only."""
@@ -800,16 +801,19 @@ class CachedFeatures:
                     "precision": self.precision.name, "device": self.precision.device_type,
                     "compiled": self.compiled, "processes": rank_and_world_size()[1],
                     "torch": str(torch.__version__), "format": 1}  # format: bump when the pass changes
-        self.train_features = self.cached(self.train_images, "training images", poll)
-        self.mirrored_features = self.cached(self.train_images, "mirror images", poll, mirror=True)
-        self.test_inputs = self.cached(self.test_images, "test images", poll)
+        train_digest = digest(self.train_images)  # hashed once for both passes over them
+        self.train_features = self.cached(self.train_images, train_digest, "training images", poll)
+        self.mirrored_features = self.cached(self.train_images, train_digest, "mirror images",
+                                             poll, mirror=True)
+        self.test_inputs = self.cached(self.test_images, digest(self.test_images), "test images",
+                                       poll)
         self.feature_seconds = time.perf_counter() - started
         log(f"features of {2 * len(self.train_features)} training and {len(self.test_inputs)} "
             f"test images ready in {self.feature_seconds:.1f} s")
 
-    def cached(self, images, what, poll, mirror=False):
+    def cached(self, images, images_digest, what, poll, mirror=False):
         """The features of images from the cache, or computed (and then cached)."""
-        key = {**self.key, "images": digest(images), "mirror": mirror}
+        key = {**self.key, "images": images_digest, "mirror": mirror}
         features = from_rank0(lambda: self.cache.load(key))
         if features is not None:
             log(f"read the features of {len(images)} {what} from {self.cache.path(key)}")
