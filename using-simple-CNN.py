@@ -19,6 +19,7 @@ Run:
     python using-simple-CNN.py --checkpoint runs/X/checkpoint.pt --predict cat.png
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -229,10 +230,9 @@ class CNNRecipe(common.Recipe):
         # learning rate rather than requires_grad=False: the set of trained parameters
         # never changes, which DDP and torch.compile both rely on.
         bias_steps = WHITEN_BIAS_EPOCHS * total_steps // args.epochs
+        factor = functools.partial(triangle, total_steps=total_steps, **TRIANGLE)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
-            lambda step: triangle(step, total_steps, **TRIANGLE),
-            lambda step: triangle(step, total_steps, **TRIANGLE) if step < bias_steps else 0.0,
-            lambda step: triangle(step, total_steps, **TRIANGLE)])
+            factor, lambda step: factor(step) if step < bias_steps else 0.0, factor])
         return optimizer, scheduler
 
     def build_averager(self, model):
