@@ -15,7 +15,6 @@ It loads SCRIPT, applies the options, runs its main() and writes REPORT_DIR/rank
 import argparse
 import contextlib
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+from conftest import load_script  # noqa: E402  (the tests' one way to load a script)
 
 aten = torch.ops.aten
 DATA_DEPENDENT = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2,
@@ -92,13 +92,6 @@ def watch_calls(owner, name, watch, log=None):
 
     setattr(owner, name, watched)
     return original
-
-
-def load_script(filename):
-    spec = importlib.util.spec_from_file_location(filename.replace("-", "_")[:-3], ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv):
