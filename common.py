@@ -55,10 +55,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = 2  # bump when the checkpoint layout changes (2: lookahead as "averager")
 HOST_READ_EVERY = 25   # training steps between host reads of device values on a GPU or MPS
 EVAL_BATCH_SIZE = 500  # test images per evaluation batch
+EVAL_IMAGES = 2000     # test images scored after each epoch: a curve at a fraction of the cost
 FEATURE_BATCH_SIZE = 250  # images per batch of a frozen backbone's feature pass
 # Flags that belong to one invocation; --resume takes every other flag from the checkpoint
 PER_RUN_FLAGS = ("resume", "stop_after", "out", "overwrite", "checkpoint", "eval_only", "predict",
-                 "export")
+                 "export", "cache")
 
 
 class UserError(Exception):
@@ -145,6 +146,10 @@ def make_parser(description, defaults):
     data("--flip", choices=("alternate", "random", "none"), default=defaults["flip"],
          help="horizontal flips: each image every other epoch, coin flips, or none "
               "(default: %(default)s)")
+    data("--cache", default=default_cache_dir(), metavar="DIR|none",
+         help="where decoded images (and the ResNet's frozen features) are kept between runs, "
+              "so that later runs read them instead of decoding PNG files or running the "
+              "backbone again; none turns it off (default: %(default)s)")
     data("--pipeline", choices=("batched", "plain"), default="batched",
          help="batched: whole batches augmented on the device; plain: one PIL image at a time "
               "in DataLoader workers, the textbook way, to compare speeds (default: %(default)s)")
@@ -166,6 +171,10 @@ def make_parser(description, defaults):
              help="SGD weight decay (default: %(default)s)")
     schedule("--label-smoothing", type=float, default=defaults["label_smoothing"],
              help="weight moved from the true class to the others (default: %(default)s)")
+    schedule("--eval-images", type=int, default=EVAL_IMAGES, metavar="N",
+             help="test images scored after each epoch for the progress line and curves, a "
+                  "fixed random subset (the final evaluation scores them all); 0: all "
+                  "(default: %(default)s)")
     schedule("--seed", type=int, default=0,
              help="seed for initialisation, data order and augmentation (default: %(default)s)")
     device = parser.add_argument_group("device and precision").add_argument
@@ -227,6 +236,8 @@ def check_args(args):
                         f".pt2 (torch.export)")
     if args.stop_after is not None and args.stop_after > args.epochs:
         raise UserError(f"--stop-after {args.stop_after} is beyond --epochs {args.epochs}")
+    if args.eval_images < 0:
+        raise UserError(f"--eval-images {args.eval_images} must be 0 (all) or more")
     if args.workers < 0:
         raise UserError(f"--workers {args.workers} must be 0 or more")
     if not 0 <= args.translate <= 8:
@@ -439,11 +450,12 @@ def broadcast_from_rank0(tensors):
 # Data
 
 
-def load_cifar10(data_dir, subset=None):
+def load_cifar10(data_dir, subset=None, cache=None):
     """Both splits as uint8 NHWC tensors and int64 labels, from whichever layout DIR holds.
 
-    subset: keep at most this many images of each split (see subset_indices).
-    Returns dict(train_images, train_labels, test_images, test_labels, source).
+    subset: keep at most this many images of each split (see subset_indices); cache: a
+    DiskCache for the decoded image folders. Returns dict(train_images, train_labels,
+    test_images, test_labels, source).
     """
     root = Path(data_dir)
     if root.name == "cifar-10-batches-py":  # the user pointed at the archive's folder itself
@@ -451,7 +463,7 @@ def load_cifar10(data_dir, subset=None):
     if (root / "cifar-10-batches-py").is_dir():
         return take_subset(_read_torchvision(root, download=False), subset)
     if (root / "train").is_dir() or (root / "test").is_dir():
-        return _read_image_folders(root, subset)
+        return _read_image_folders(root, subset, cache or DiskCache("none"))
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is a file, not a directory")
     return take_subset(_read_torchvision(root, download=True), subset)
@@ -478,34 +490,49 @@ def _read_torchvision(root, download):
     return data
 
 
-def _read_image_folders(root, subset):
-    data = {"source": "image-folders"}
-    for split in ("train", "test"):
-        folder = root / split
-        if not folder.is_dir():
-            raise UserError(f"{root} has no {split}/ folder: expected {root}/{split}/<class>/ images")
-        found = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
-        missing, extra = sorted(set(CLASSES) - found), sorted(found - set(CLASSES))
-        if missing or extra:
-            raise UserError(f"{folder} must hold exactly the 10 CIFAR-10 class folders"
-                            + (f"; missing: {', '.join(missing)}" if missing else "")
-                            + (f"; unexpected: {', '.join(extra)}" if extra else ""))
-        files, labels = [], []
-        for label, name in enumerate(CLASSES):
-            paths = sorted(p for p in (folder / name).iterdir()
-                           if p.is_file() and not p.name.startswith("."))
-            files += paths
-            labels += [label] * len(paths)
-        if not files:
-            raise UserError(f"{folder} has class folders but no images")
-        if subset is not None:  # choose before decoding: a quick run reads only what it uses
-            keep = subset_indices(len(files), subset, split)
-            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-        with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decoding releases the GIL
-            images = list(pool.map(_read_32x32_image, files, chunksize=256))
-        data[f"{split}_images"] = torch.from_numpy(np.stack(images))
-        data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
-    return data
+def _read_image_folders(root, subset, cache):
+    """Decoding 60,000 PNG files takes a while on every run, so the decoded tensors are
+    cached, keyed by every file's name, size and modification time."""
+    files = {split: _list_image_folder(root, split, subset) for split in ("train", "test")}
+    stats = [(str(path.relative_to(root)), path.stat().st_size, path.stat().st_mtime_ns)
+             for paths, _ in files.values() for path in paths]
+    key = {"what": "decoded images", "folder": str(root.resolve()), "files": digest(stats),
+           "format": 1}  # format: bump when the decoding changes
+    data = cache.load(key)
+    if data is None:
+        data = {}
+        for split, (paths, labels) in files.items():
+            with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decoding releases the GIL
+                images = list(pool.map(_read_32x32_image, paths, chunksize=256))
+            data[f"{split}_images"] = torch.from_numpy(np.stack(images))
+            data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
+        cache.save(key, data)
+    return {**data, "source": "image-folders"}
+
+
+def _list_image_folder(root, split, subset):
+    """(files, labels) of root/split/<class>/, checked; at most subset of them."""
+    folder = root / split
+    if not folder.is_dir():
+        raise UserError(f"{root} has no {split}/ folder: expected {root}/{split}/<class>/ images")
+    found = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    missing, extra = sorted(set(CLASSES) - found), sorted(found - set(CLASSES))
+    if missing or extra:
+        raise UserError(f"{folder} must hold exactly the 10 CIFAR-10 class folders"
+                        + (f"; missing: {', '.join(missing)}" if missing else "")
+                        + (f"; unexpected: {', '.join(extra)}" if extra else ""))
+    files, labels = [], []
+    for label, name in enumerate(CLASSES):
+        paths = sorted(p for p in (folder / name).iterdir()
+                       if p.is_file() and not p.name.startswith("."))
+        files += paths
+        labels += [label] * len(paths)
+    if not files:
+        raise UserError(f"{folder} has class folders but no images")
+    if subset is not None:  # choose before decoding: a quick run reads only what it uses
+        keep = subset_indices(len(files), subset, split)
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    return files, labels
 
 
 def read_image(path):
@@ -686,7 +713,7 @@ def make_input_source(args, recipe, model, data, device, precision):
     frozen = recipe.frozen_parts(model)
     if frozen is not None:
         return CachedFeatures(recipe, model, data, precision, *frozen,
-                              DiskCache(args.feature_cache), compile=args.compile)
+                              DiskCache(args.cache), compile=args.compile)
     if args.pipeline == "plain":
         return PlainBatches(recipe, model, data, args.workers, device)
     return DeviceBatches(recipe, model, data)
@@ -887,8 +914,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * args.epochs
         self.train_labels, self.test_labels = data["train_labels"], data["test_labels"]
         self.train_module = source.train_module  # what the step runs; wrap() may wrap it
-        self.optimizer, self.scheduler = recipe.build_optimizer(
-            model, self.total_steps, fused=precision.fused_optimizer)
+        self.optimizer, self.scheduler = recipe.build_optimizer(model, self.total_steps, precision)
         if precision.fused_optimizer:
             zero_momentum_buffers(self.optimizer)
         self.averager = recipe.build_averager(model)
@@ -965,7 +991,7 @@ class Trainer:
         return {"train_loss": loss / count, "train_accuracy": correct / count,
                 "seconds": self.sums["seconds"], "images": int(count)}
 
-    def end_epoch(self, stats, test_accuracy, wall_seconds):
+    def end_epoch(self, stats, test_accuracy, test_images, wall_seconds):
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_rng_state = self.data_rng.get_state()
@@ -974,6 +1000,7 @@ class Trainer:
         previous = self.history[-1]["seconds"] if self.history else 0.0
         record = {"epoch": self.epoch, "train_loss": stats["train_loss"],
                   "train_accuracy": stats["train_accuracy"], "test_accuracy": test_accuracy,
+                  "test_images": test_images,
                   "seconds": previous + wall_seconds, "epoch_seconds": wall_seconds,
                   "images_per_second": stats["images"] / max(stats["seconds"], 1e-9)}
         self.history.append(record)
@@ -1230,9 +1257,9 @@ class Recipe:
         weights will replace the initial ones."""
         raise NotImplementedError
 
-    def build_optimizer(self, model, total_steps, fused=False):
-        """(optimizer, scheduler stepped once per batch); fused: use the fused kernels
-        (see Precision.fused_optimizer)."""
+    def build_optimizer(self, model, total_steps, precision):
+        """(optimizer, scheduler stepped once per batch); precision says whether to use
+        fused kernels (Precision.fused_optimizer) and the dtype matmuls may use."""
         raise NotImplementedError
 
     def build_averager(self, model):
@@ -1333,6 +1360,11 @@ def fit(trainer, stop):
     """The epoch loop: train, evaluate, log, checkpoint; stops cleanly on a signal."""
     args, source = trainer.args, trainer.source
     last_epoch = args.stop_after or args.epochs
+    test_inputs, test_labels = source.test_inputs, trainer.test_labels
+    if 0 < args.eval_images < len(test_labels):  # the same images after every epoch
+        keep = torch.tensor(subset_indices(len(test_labels), args.eval_images, "test"),
+                            device=test_labels.device)
+        test_inputs, test_labels = test_inputs[keep], test_labels[keep]
     while trainer.epoch < last_epoch:
         wall_start = time.perf_counter()
         trainer.start_epoch()
@@ -1340,9 +1372,10 @@ def fit(trainer, stop):
                           desc=f"epoch {trainer.epoch + 1}/{args.epochs}", unit="step") as progress:
             stats = train_one_epoch(trainer, stop, progress)
         trainer.sync_ranks()  # every rank then evaluates the model that is saved
-        result = evaluate(source.eval_module, trainer.recipe.logits, source.test_inputs,
-                          trainer.test_labels, source.test_input, trainer.device, trainer.precision)
-        record = trainer.end_epoch(stats, result["test_accuracy"], time.perf_counter() - wall_start)
+        result = evaluate(source.eval_module, trainer.recipe.logits, test_inputs, test_labels,
+                          source.test_input, trainer.device, trainer.precision)
+        record = trainer.end_epoch(stats, result["test_accuracy"], len(test_labels),
+                                   time.perf_counter() - wall_start)
         log(epoch_line(record, args.epochs))
         trainer.save()
         if is_main_process() and not args.no_plots:
@@ -1386,7 +1419,7 @@ def progress_bar(**kwargs):
 def epoch_line(record, epochs):
     return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
             f"train acc {100 * record['train_accuracy']:5.2f}%  "
-            f"test acc {100 * record['test_accuracy']:5.2f}%  "
+            f"test acc {100 * record['test_accuracy']:5.2f}% of {record['test_images']}  "
             f"{record['epoch_seconds']:6.1f} s  {record['images_per_second']:6.0f} img/s")
 
 # -----------------------------------------------------------------------------
@@ -1423,7 +1456,7 @@ def run(parser, argv, recipe_class):
 
 def train(args, checkpoint, recipe, device, precision, started):
     out = prepare_out_dir(args, recipe.name)
-    data = load_cifar10(args.data_dir, args.subset)
+    data = load_cifar10(args.data_dir, args.subset, DiskCache(args.cache))
     log(f"{recipe.name}: {len(data['train_labels'])} training and {len(data['test_labels'])} "
         f"test images from {args.data_dir}; {device}, {precision.name}"
         + (f", {dist.get_world_size()} processes" if dist.is_initialized() else ""))
@@ -1468,7 +1501,7 @@ def run_from_checkpoint(args, recipe, device, precision, started):
         export(Deployable(recipe, model.cpu().float()), Path(args.export))
         return 0
     out = prepare_out_dir(args, recipe.name)
-    data = load_cifar10(args.data_dir, args.subset)
+    data = load_cifar10(args.data_dir, args.subset, DiskCache(args.cache))
     test_images, test_labels = data["test_images"].to(device), data["test_labels"].to(device)
     result = evaluate(model, functools.partial(recipe.logits, final=True), test_images,
                       test_labels, recipe.model_input, device, precision)

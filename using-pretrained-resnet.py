@@ -70,10 +70,6 @@ def build_parser():
         help="with --freeze, run the frozen backbone on every batch of every epoch instead of "
              "computing its features once: much slower, but it allows random shifts, and it "
              "is the baseline the feature cache is timed against (default: off)")
-    add("--feature-cache", default=common.default_cache_dir(), metavar="DIR|none",
-        help="with --freeze, where the frozen backbone's features are kept between runs, so "
-             "that a run with other head flags reads them instead of running the backbone; "
-             "none turns the cache off (default: %(default)s)")
     add("--image-size", type=int, default=IMAGE_SIZE, metavar="PX",
         help="side in pixels the 32x32 images are resized to, at least 32 (default: %(default)s)")
     return parser
@@ -185,7 +181,7 @@ class ResNetRecipe(common.Recipe):
             module.requires_grad_(False)
         return model
 
-    def build_optimizer(self, model, total_steps, fused=False):
+    def build_optimizer(self, model, total_steps, precision):
         args = self.args
         head = list(model.fc.parameters())
         body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("fc.")]
@@ -193,7 +189,7 @@ class ResNetRecipe(common.Recipe):
         groups += [dict(params=[p for p in body if p.ndim > 1], lr=args.lr, weight_decay=args.weight_decay),
                    dict(params=[p for p in body if p.ndim <= 1], lr=args.lr, weight_decay=0.0)]
         optimizer = torch.optim.SGD([g for g in groups if g["params"]], momentum=args.momentum,
-                                    nesterov=True, fused=fused or None)
+                                    nesterov=True, fused=precision.fused_optimizer or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, total_steps))
         return optimizer, scheduler

@@ -19,7 +19,7 @@ TIMINGS = {"seconds", "epoch_seconds", "images_per_second", "train_seconds", "to
 def frozen_run(resnet, data_dir, out, weights, cache, *extra):
     argv = ["--data-dir", str(data_dir), "--out", str(out), "--weights", str(weights),
             "--image-size", "32", "--batch-size", "16", "--device", "cpu", "--freeze",
-            "--epochs", "2", "--feature-cache", str(cache), *extra]
+            "--epochs", "2", "--cache", str(cache), *extra]
     assert resnet.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     metrics.pop("args")
@@ -36,7 +36,7 @@ def test_second_run_reads_the_features_and_trains_identically(
     cache = tmp_path / "cache"
     uncached = frozen_run(resnet, image_folders, tmp_path / "a", weights_file, "none")
     first = frozen_run(resnet, image_folders, tmp_path / "b", weights_file, cache)
-    assert len(list(cache.iterdir())) == 3  # training, mirrored and test features
+    assert len(list(cache.glob("frozen-features-*"))) == 3  # training, mirrored and test features
     monkeypatch.setattr(common.CachedFeatures, "features", no_backbone)
     capsys.readouterr()
     second = frozen_run(resnet, image_folders, tmp_path / "c", weights_file, cache)
@@ -54,14 +54,14 @@ def test_key_covers_weights_size_and_images(resnet, image_folders, weights_file,
     frozen_run(resnet, image_folders, tmp_path / "b", "none", cache)  # other backbone weights
     frozen_run(resnet, image_folders, tmp_path / "c", weights_file, cache, "--image-size", "40",
                "--subset", "50")  # other training images; the test images are all 40 again
-    assert len(list(cache.iterdir())) == 3 + 3 + 3
+    assert len(list(cache.glob("frozen-features-*"))) == 3 + 3 + 3
 
 
 def test_broken_cache_files_are_a_warning_each_and_a_recomputation(
         resnet, image_folders, weights_file, tmp_path, capsys):
     cache = tmp_path / "cache"
     good = frozen_run(resnet, image_folders, tmp_path / "a", weights_file, cache)
-    test_file, *train_files = sorted(cache.iterdir(), key=lambda p: p.stat().st_size)
+    test_file, *train_files = sorted(cache.glob("frozen-features-*"), key=lambda p: p.stat().st_size)
     damaged = {train_files[0]: b"not a cache file",  # garbage
                train_files[1]: train_files[1].read_bytes()[:1000],  # truncated
                test_file: train_files[0].read_bytes()}  # another entry under this name
@@ -84,7 +84,8 @@ def test_unwritable_cache_is_a_warning(resnet, image_folders, weights_file, tmp_
     capsys.readouterr()
     assert frozen_run(resnet, image_folders, tmp_path / "b", weights_file, tmp_path / "file") == good
     err = capsys.readouterr().err
-    assert err.count("warning: could not write the cache file") == 3 and "Traceback" not in err
+    # one for the decoded images, one for each of the three feature sets
+    assert err.count("warning: could not write the cache file") == 4 and "Traceback" not in err
 
 
 def test_torchrun_rank0_writes_and_every_rank_reads(image_folders, weights_file, tmp_path):
@@ -97,10 +98,10 @@ def test_torchrun_rank0_writes_and_every_rank_reads(image_folders, weights_file,
              str(ROOT / "using-pretrained-resnet.py"), "--data-dir", str(image_folders),
              "--out", str(tmp_path / run), "--weights", str(weights_file), "--image-size", "32",
              "--batch-size", "16", "--device", "cpu", "--freeze", "--epochs", "2",
-             "--feature-cache", str(cache), "--no-plots"], capture_output=True, text=True, env=env, timeout=300)
+             "--cache", str(cache), "--no-plots"], capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout)
-        assert len(list(cache.iterdir())) == 3
+        assert len(list(cache.glob("frozen-features-*"))) == 3
     assert outputs[0].count("computing the frozen backbone's features") == 3
     assert outputs[1].count("read the features of") == 3
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checkpoint.pt", "metrics.json"]
@@ -116,7 +117,7 @@ def test_compiled_feature_pass_matches_the_eager_one(resnet, image_folders, weig
     cache = tmp_path / "cache"
     frozen_run(resnet, image_folders, tmp_path / "compiled", weights_file, cache, "--no-amp",
                "--compile", "--subset", "100")  # 100 images: a batch of 250, padded
-    entries = [torch.load(p, weights_only=True) for p in sorted(cache.iterdir())]
+    entries = [torch.load(p, weights_only=True) for p in sorted(cache.glob("frozen-features-*"))]
     assert len(entries) == 3 and all(e["key"]["compiled"] for e in entries)
     test = next(e for e in entries if len(e["tensor"]) == 40)["tensor"]
     # the same features, eager and in float32
