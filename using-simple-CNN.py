@@ -222,12 +222,12 @@ class Muon(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     grad = grad.add(p, alpha=group["weight_decay"])
                 momentum = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                new_momentum = momentum * group["momentum"] + grad
-                step, new_p = grad + group["momentum"] * new_momentum, p
+                new_momentum = momentum.mul(group["momentum"]).add_(grad)
+                step, new_p = grad.add(new_momentum, alpha=group["momentum"]), p
                 if group["orthogonalise"]:
                     new_p = p * (len(p) ** 0.5 / p.norm())
                     step = orthogonalise(step.reshape(len(p), -1).to(self.matmul_dtype)).view_as(p)
-                new_p = new_p - group["lr"] * step
+                new_p = new_p.add(step, alpha=-group["lr"])
                 if found_inf is not None:  # an overflowing fp16 step changes nothing
                     new_momentum = torch.where(found_inf > 0, momentum, new_momentum)
                     new_p = torch.where(found_inf > 0, p, new_p)

@@ -29,6 +29,14 @@ def load_script(filename):
     return module
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_cache(tmp_path_factory):
+    """The same for the runs that module- and session-scoped fixtures make."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     """Each test's runs cache into a folder of their own, never the user's ~/.cache."""

@@ -187,6 +187,8 @@ BAD_FLAGS = {
     "predict without checkpoint": (["--predict", "x.png"], "--predict needs --checkpoint"),
     "stop after the end": (["--epochs", "2", "--stop-after", "3"], "beyond --epochs 2"),
     "bad widths": (["--widths", "8,16"], "expected three positive integers"),
+    "warm-up of all steps": (["--warmup", "1"], "expected a fraction in [0, 1)"),
+    "negative eval images": (["--eval-images", "-1"], "must be 0 (all) or more"),
     "batch of one": (["--batch-size", "1"], "too few for BatchNorm (it needs 2 or more): raise --batch-size"),
     "subset of one": (["--subset", "1"], "too few for BatchNorm (it needs 2 or more): raise --subset"),
 }
