@@ -52,7 +52,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_FORMAT = 2  # bump when the checkpoint layout changes (2: lookahead as "averager")
+CHECKPOINT_FORMAT = 3  # bump when the checkpoint layout changes (3: the CNN's Muon and --warmup)
 HOST_READ_EVERY = 25   # training steps between host reads of device values on a GPU or MPS
 EVAL_BATCH_SIZE = 500  # test images per evaluation batch
 EVAL_IMAGES = 2000     # test images scored after each epoch: a curve at a fraction of the cost
@@ -499,7 +499,9 @@ def _read_image_folders(root, subset, cache):
     key = {"what": "decoded images", "folder": str(root.resolve()), "files": digest(stats),
            "format": 1}  # format: bump when the decoding changes
     data = cache.load(key)
-    if data is None:
+    if data is not None:
+        log(f"read the decoded images from {cache.path(key)}")
+    else:
         data = {}
         for split, (paths, labels) in files.items():
             with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decoding releases the GIL
@@ -1171,7 +1173,9 @@ def draw_curves(figure, history, final_accuracy):
     loss_axes.plot(epochs, [e["train_loss"] for e in history], "o-", color="tab:red")
     loss_axes.set(title="training loss", ylabel="loss")
     accuracy_axes.plot(epochs, [100 * e["train_accuracy"] for e in history], "o-", label="training")
-    accuracy_axes.plot(epochs, [100 * e["test_accuracy"] for e in history], "o-", label="test")
+    scored = history[-1].get("test_images")  # per epoch: a subset of the test images (--eval-images)
+    accuracy_axes.plot(epochs, [100 * e["test_accuracy"] for e in history], "o-",
+                       label=f"test ({scored} images)" if scored else "test")
     if final_accuracy is not None:
         accuracy_axes.plot([epochs[-1]], [100 * final_accuracy], "*", markersize=12, color="k",
                            label=f"final evaluation: {100 * final_accuracy:.2f}%")

@@ -49,9 +49,16 @@ def test_muon_keeps_each_filter_at_a_fixed_norm_and_steps_it_by_lr(cnn):
         before = filters.detach().clone()
         filters.grad = torch.randn_like(filters)
         muon.step()
-        step = filters.detach() - before * (len(before) ** 0.5 / before.norm())
+        rescaled = before * (8 ** 0.5 / before.norm())  # 8 output channels: norm sqrt(8)
+        step = filters.detach() - rescaled
         # an orthogonalised 8 x 36 step has 8 singular values near 1: norm near 0.2 * sqrt(8)
         assert 0.5 * 0.2 * 8 ** 0.5 < step.norm() < 1.5 * 0.2 * 8 ** 0.5
+        singular_values = torch.linalg.svdvals(step.reshape(8, -1) / 0.2)
+        assert singular_values.min() > 0.5 and singular_values.max() < 1.5
+    muon.param_groups[0]["lr"] = 0.0  # a zero step leaves exactly the rescaled filter
+    filters.grad = torch.randn_like(filters)
+    muon.step()
+    assert torch.allclose(filters.detach().norm(), torch.tensor(8 ** 0.5))
 
 
 def test_fp16_grad_scaler_skips_an_overflowing_muon_step_without_a_host_read(cnn):
@@ -92,6 +99,16 @@ def test_each_epoch_scores_a_fixed_test_subset_and_the_end_scores_all(cnn, image
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["test_images"] for e in metrics["epochs"]] == [10, 10]
     assert sum(map(sum, metrics["confusion_matrix"])) == 40  # the final evaluation: all
+
+
+def test_the_test_subset_changes_no_weight(cnn, image_folders, tmp_path):
+    """Less evaluation is a pure saving: training never sees the test images."""
+    for name, n in (("subset", "10"), ("all", "0")):
+        assert cnn.main(["--data-dir", str(image_folders), "--out", str(tmp_path / name),
+                         *CNN_FAST, "--epochs", "2", "--eval-images", n]) == 0
+    weights = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+               for name in ("subset", "all")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
 def test_decoded_images_are_read_back_until_a_file_changes(image_folders, tmp_path, monkeypatch):
