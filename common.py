@@ -494,8 +494,8 @@ def _read_image_folders(root, subset, cache):
     """Decoding 60,000 PNG files takes a while on every run, so the decoded tensors are
     cached, keyed by every file's name, size and modification time."""
     files = {split: _list_image_folder(root, split, subset) for split in ("train", "test")}
-    stats = [(str(path.relative_to(root)), path.stat().st_size, path.stat().st_mtime_ns)
-             for paths, _ in files.values() for path in paths]
+    stats = [(str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns)
+             for paths, _ in files.values() for path in paths for stat in [path.stat()]]
     key = {"what": "decoded images", "folder": str(root.resolve()), "files": digest(stats),
            "format": 1}  # format: bump when the decoding changes
     data = cache.load(key)
@@ -508,7 +508,8 @@ def _read_image_folders(root, subset, cache):
                 images = list(pool.map(_read_32x32_image, paths, chunksize=256))
             data[f"{split}_images"] = torch.from_numpy(np.stack(images))
             data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
-        cache.save(key, data)
+        if is_main_process():  # one writer under torchrun, as for the frozen features
+            cache.save(key, data)
     return {**data, "source": "image-folders"}
 
 
