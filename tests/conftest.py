@@ -6,6 +6,7 @@ tinted differently so that a model can learn something in one or two epochs.
 
 import hashlib
 import importlib.util
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 runs two workers on the cores: one thread each (and for the scripts they
+    # start), since two processes of oneDNN threads spinning on the same cores slow both.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def load_script(filename):
