@@ -8,10 +8,10 @@ with low momentum, label smoothing, Muon for the conv filters and Nesterov SGD f
 rest with a linearly decaying learning rate, alternating flips and small translations,
 lookahead weight averaging, and test-time augmentation with flips and shifts.
 
-Measured (README.md has the tables): with the defaults (7 epochs), 93.57% mean over 3
+Measured (README.md has the tables): with the defaults (7 epochs), 93.48% mean over 3
 seeds on the dev split (45,000 training images, 5,000 held out from CIFAR-10's training
-set), 693 s for the whole process on a 2-core AMD EPYC with AVX-512 BF16, torch 2.14.1:
-0.70x the previous 10-epoch SGD recipe's 985 s, timed side by side.
+set), 667 s for the whole process on a 2-core AMD EPYC with AVX-512 BF16, torch 2.14.1:
+0.68x the previous 10-epoch SGD recipe's 985 s on the same machine.
     python using-simple-CNN.py --data-dir DEV_SPLIT
 
 Run:
