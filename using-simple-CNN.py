@@ -35,7 +35,7 @@ import common  # noqa: E402
 # Defaults: every number of the recipe, with its unit or why
 
 EPOCHS = 7
-BATCH_SIZE = 768       # 3 x 256: splits over 2, 4, ... 256 processes; on a CPU as fast per image as 1000 (2000 is 20% slower)
+BATCH_SIZE = 768       # 3 x 256: splits over 2, 4, ... 256 processes; on a CPU about as fast per image as 1000
 LR = 1.5               # peak learning rate of the triangle, for the mean loss of a batch
 MOMENTUM = 0.85        # Nesterov momentum
 WEIGHT_DECAY = 1.3e-3  # PyTorch SGD's (lr-coupled) decay: 0.2% of each weight per step at peak lr
