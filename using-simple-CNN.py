@@ -10,7 +10,7 @@ lookahead weight averaging, and test-time augmentation with flips and shifts.
 
 Measured (README.md has the tables): with the defaults (7 epochs), 93.48% mean over 3
 seeds on the dev split (45,000 training images, 5,000 held out from CIFAR-10's training
-set), 671 s (median) for the whole process on a 2-core AMD EPYC (Zen 4) with AVX-512
+set), 670 s (median) for the whole process on a 2-core AMD EPYC (Zen 4) with AVX-512
 BF16, torch 2.14.1: 0.72x the previous 10-epoch SGD recipe's 932 s, side by side there.
     python using-simple-CNN.py --data-dir DEV_SPLIT
 
