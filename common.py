@@ -52,7 +52,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_FORMAT = 5  # bump when a checkpoint would resume differently (3: Muon and --warmup; 4: its lr 0.14; 5: 0.17)
+CHECKPOINT_FORMAT = 5  # bump when a checkpoint can no longer resume as it was trained (3: Muon and --warmup)
+RESUMABLE_FORMATS = (3, 4, 5)  # 4 and 5 marked new Muon lr defaults: a checkpoint's scheduler keeps its own
 HOST_READ_EVERY = 25   # training steps between host reads of device values on a GPU or MPS
 EVAL_BATCH_SIZE = 500  # test images per evaluation batch
 EVAL_IMAGES = 2000     # test images scored after each epoch: a curve at a fraction of the cost
@@ -268,7 +269,7 @@ def parse_args(parser, argv, recipe_name):
     if not args.resume:
         return args, None
     checkpoint = load_checkpoint(args.resume, recipe_name)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if checkpoint.get("format") not in RESUMABLE_FORMATS:
         raise UserError(f"{args.resume} was written by an older version of this script; it can "
                         f"still be used with --checkpoint, but not resumed")
     return resume_args(args, flags_given(parser, argv), checkpoint["args"]), checkpoint

@@ -261,6 +261,23 @@ def test_checkpoint_of_an_older_layout_evaluates_but_does_not_resume(cnn, image_
                      "--eval-only", "--out", str(tmp_path / "eval"), "--no-plots"]) == 0
 
 
+def test_resume_keeps_the_muon_lr_the_checkpoint_was_trained_with(cnn, image_folders, tmp_path,
+                                                                   monkeypatch):
+    """A checkpoint's scheduler holds its own learning rates, so a new default (checkpoint
+    formats 4 and 5 marked two) changes only new runs."""
+    base = ["--data-dir", str(image_folders), *CNN_FAST, "--epochs", "2", "--subset", "64"]
+    with monkeypatch.context() as patch:
+        patch.setattr(cnn, "MUON_LR", 0.05)
+        assert cnn.main(base + ["--out", str(tmp_path / "straight")]) == 0
+        assert cnn.main(base + ["--out", str(tmp_path / "paused"), "--stop-after", "1"]) == 0
+    paused = state_of(tmp_path / "paused")
+    assert paused["scheduler"]["base_lrs"][-1] == 0.05 != cnn.MUON_LR
+    paused["format"] = 4
+    torch.save(paused, tmp_path / "paused" / "checkpoint.pt")
+    assert cnn.main(["--resume", str(tmp_path / "paused" / "checkpoint.pt")]) == 0
+    assert_same_run(tmp_path / "straight", tmp_path / "paused")
+
+
 def test_out_of_a_finished_run_is_not_overwritten(cnn, image_folders, trained, capsys):
     before = (trained / "metrics.json").read_bytes()
     line = error_of(cnn.main, ["--data-dir", str(image_folders), "--out", str(trained),
