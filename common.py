@@ -23,6 +23,7 @@ one image at a time) with the same augmentation, so the two can be timed side by
 import argparse
 import copy
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -110,6 +111,12 @@ def fail_cleanly(main):
     except (UserError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UserError) else 1
+    finally:
+        # What the run left in reference cycles (a compiled model leaves some) goes now,
+        # with the torchrun process group it may hold: the group's gloo threads must end
+        # before the interpreter shuts down, when they may need the GIL and abort the
+        # process (SIGABRT, "terminate called without an active exception").
+        gc.collect()
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -389,6 +396,10 @@ class Precision:
 def init_distributed(device):
     """Join the torchrun process group if launched by torchrun."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        # Imported before the group exists: its functions take group.WORLD as a default
+        # argument, read at import. Imported later (DDP does, through torch._dynamo), they
+        # would hold the group past destroy_process_group (see fail_cleanly).
+        import torch.distributed.nn  # noqa: F401
         # pick_device has already made this rank's GPU current
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
@@ -1449,15 +1460,12 @@ def run(parser, argv, recipe_class):
         return train(args, checkpoint, recipe, device, precision, started)
     finally:
         if dist.is_initialized():
-            # gloo's worker threads free the last all_reduce's tensors just after it returns,
-            # which needs the GIL; a thread still asking for it once the interpreter shuts
-            # down is killed inside a C++ destructor (std::terminate: "terminate called
-            # without an active exception", SIGABRT). A barrier releases the GIL until every
-            # rank is done. Not after an error that only some ranks may have met: the others
+            # The ranks meet first, so that none closes its connections while another still
+            # uses them. Not after an error that only some ranks may have met: the others
             # would wait for it in vain. (A diverged loss is met by every rank, at one step.)
             if sys.exc_info()[0] in (None, TrainingDiverged):
                 dist.barrier()
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # its threads end with its last reference: see fail_cleanly
 
 
 def train(args, checkpoint, recipe, device, precision, started):

@@ -5,10 +5,8 @@ tinted differently so that a model can learn something in one or two epochs.
 """
 
 import hashlib
-import importlib.util
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +15,15 @@ import torch
 import torchvision
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from loading import load_script
 
-import common  # noqa: E402
+import common  # noqa: E402  (found through the path that loading puts first)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n 2 runs two workers on the cores: one thread each (and for the scripts they
     # start), since two processes of oneDNN threads spinning on the same cores slow both.
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
-
-
-def load_script(filename):
-    spec = importlib.util.spec_from_file_location(filename.replace("-", "_")[:-3], ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True, scope="session")

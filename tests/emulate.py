@@ -24,11 +24,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from loading import load_script
 
-import common  # noqa: E402
-from conftest import load_script  # noqa: E402  (the tests' one way to load a script)
+import common  # noqa: E402  (found through the path that loading puts first)
 
 aten = torch.ops.aten
 DATA_DEPENDENT = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2,
@@ -143,6 +141,9 @@ def main(argv):
     common.fit = recording_fit
 
     code = script.main(script_argv)
+    # what is left for the interpreter's shutdown: a process group's threads must be gone
+    report["threads_after_main"] = sorted(
+        Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
     options.report_dir.mkdir(parents=True, exist_ok=True)
     (options.report_dir / f"rank{rank}.json").write_text(json.dumps(report))
     return code

@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from conftest import CNN_FAST, RESNET_FAST, ROOT
+from conftest import CNN_FAST, RESNET_FAST
+from loading import ROOT
 
 
 def torchrun(script, *argv):
@@ -71,6 +72,8 @@ def test_cnn_under_torchrun_through_the_whole_schedule(cnn, image_folders, tmp_p
     assert result.returncode == 0, result.stderr
     assert "terminate called" not in result.stderr
     for report in reports(report_dir):
+        # destroy_process_group ended gloo's threads, not the interpreter's shutdown
+        assert not [name for name in report["threads_after_main"] if "gloo" in name]
         steps = report["steps_per_epoch"]
         assert steps == 7 and report["read_every"] == 4
         assert report["host_reads_per_epoch"] == [math.ceil(steps / 4) + 1] * 5
@@ -98,6 +101,8 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(image_folders, tmp_pa
     assert result.returncode != 0
     assert errors == ["error: the training loss became nan or infinite in epoch 2 (step 1)"] * 2, \
         result.stderr
+    for report in reports(tmp_path / "report"):
+        assert not [name for name in report["threads_after_main"] if "gloo" in name]
     assert "[rank0]: Traceback" not in result.stderr  # (torchrun adds its own report)
     assert "[rank1]: Traceback" not in result.stderr
 
@@ -110,3 +115,4 @@ def test_compile_wraps_ddp_and_never_recompiles_under_torchrun(image_folders, tm
     assert result.returncode == 0, result.stderr
     for report in reports(report_dir):
         assert report["train_module"] == ["OptimizedModule", "DistributedDataParallel", "SimpleCNN"]
+        assert not [name for name in report["threads_after_main"] if "gloo" in name]

@@ -9,7 +9,7 @@ import sys
 import torch
 import torchvision
 
-from conftest import ROOT
+from loading import ROOT
 import common
 
 TIMINGS = {"seconds", "epoch_seconds", "images_per_second", "train_seconds", "total_seconds",

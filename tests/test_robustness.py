@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CNN_FAST, RESNET_FAST, ROOT, write_image_folders
+from conftest import CNN_FAST, RESNET_FAST, write_image_folders
+from loading import ROOT
 import common
 
 

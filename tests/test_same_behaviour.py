@@ -18,7 +18,8 @@ import sys
 import pytest
 import torch
 
-from conftest import CNN_FAST, RESNET_FAST, ROOT
+from conftest import CNN_FAST, RESNET_FAST
+from loading import ROOT
 import common
 
 REFERENCE = "6773970"
