@@ -17,7 +17,7 @@ from PIL import Image
 
 from loading import load_script
 
-import common  # noqa: E402  (found through the path that loading puts first)
+import common  # found through the path that loading puts first
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n 2 runs two workers on the cores: one thread each (and for the scripts they

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from loading import load_script
 
-import common  # noqa: E402  (found through the path that loading puts first)
+import common  # found through the path that loading puts first
 
 aten = torch.ops.aten
 DATA_DEPENDENT = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2,
@@ -141,9 +141,11 @@ def main(argv):
     common.fit = recording_fit
 
     code = script.main(script_argv)
-    # what is left for the interpreter's shutdown: a process group's threads must be gone
+    # what is left for the interpreter's shutdown (a process group's threads must be gone),
+    # where the system lists a process's threads
+    tasks = Path("/proc/self/task")
     report["threads_after_main"] = sorted(
-        Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+        Path(task, "comm").read_text().strip() for task in tasks.iterdir()) if tasks.is_dir() else None
     options.report_dir.mkdir(parents=True, exist_ok=True)
     (options.report_dir / f"rank{rank}.json").write_text(json.dumps(report))
     return code

@@ -1,8 +1,8 @@
 """The scripts loaded as modules (their file names have hyphens): the tests' one way.
 
 Kept apart from conftest.py so that tests/emulate.py, which runs a script in each torchrun
-process, imports no more than the script itself does (torchvision, for one, imports
-torch._dynamo, and what is imported before the process group exists matters there).
+process, does not import torchvision (and with it torch._dynamo) before the script would:
+what is imported before the process group exists matters there.
 """
 
 import importlib.util
