@@ -86,11 +86,12 @@ def test_cnn_under_torchrun_through_the_whole_schedule(cnn, image_folders, tmp_p
 
 
 def test_resnet_train_layers_under_torchrun_scores_the_saved_model(resnet, image_folders, tmp_path):
-    out = tmp_path / "run"
-    result = torchrun("using-pretrained-resnet.py", "--data-dir", str(image_folders),
-                      "--out", str(out), *RESNET_FAST, "--train-layers", "1", "--epochs", "2",
-                      "--subset", "64")
+    out, report_dir = tmp_path / "run", tmp_path / "report"
+    result = emulated_torchrun(report_dir, "using-pretrained-resnet.py", "--data-dir",
+                               str(image_folders), "--out", str(out), *RESNET_FAST,
+                               "--train-layers", "1", "--epochs", "2", "--subset", "64")
     assert result.returncode == 0, result.stderr
+    assert not any(gloo_threads_left(report) for report in reports(report_dir))
     assert_metrics_equal_eval_only(resnet.main, image_folders, out, tmp_path)
 
 
