@@ -112,11 +112,12 @@ def fail_cleanly(main):
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UserError) else 1
     finally:
-        # What the run left in reference cycles (a compiled model leaves some) goes now,
-        # with the torchrun process group it may hold: the group's gloo threads must end
-        # before the interpreter shuts down, when they may need the GIL and abort the
-        # process (SIGABRT, "terminate called without an active exception").
-        gc.collect()
+        if launched_by_torchrun():
+            # What the run left in reference cycles (a compiled model leaves some) goes now,
+            # with the process group it may hold: the group's gloo threads must end before
+            # the interpreter shuts down, when they may need the GIL and abort the process
+            # (SIGABRT, "terminate called without an active exception").
+            gc.collect()
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -393,9 +394,13 @@ class Precision:
 # Distributed (torchrun)
 
 
+def launched_by_torchrun():
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
 def init_distributed(device):
     """Join the torchrun process group if launched by torchrun."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+    if launched_by_torchrun() and not dist.is_initialized():
         # Imported before the group exists: its functions take group.WORLD as a default
         # argument, read at import. Imported later (DDP does, through torch._dynamo), they
         # would hold the group past destroy_process_group (see fail_cleanly).

@@ -92,6 +92,20 @@ def watch_calls(owner, name, watch, log=None):
     return original
 
 
+def thread_names():
+    """The names of this process's threads where the system lists them (Linux), else None."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append(Path(task, "comm").read_text().strip())
+        except FileNotFoundError:  # a thread that ended while being listed
+            pass
+    return sorted(names)
+
+
 def main(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("report_dir", type=Path)
@@ -123,10 +137,13 @@ def main(argv):
             return value * float("nan") if calls[0] >= options.nan_from_step else value
         recipe_class.loss = nan_loss
     if options.eager_compile:
-        import torch._dynamo
-        torch._dynamo.config.error_on_recompile = True
         compile_ = torch.compile
-        torch.compile = lambda model, **kw: compile_(model, backend="eager", **kw)
+
+        def eager_compile(model, **kwargs):
+            import torch._dynamo  # not before main(): the script decides when it is imported
+            torch._dynamo.config.error_on_recompile = True
+            return compile_(model, backend="eager", **kwargs)
+        torch.compile = eager_compile
 
     fit = common.fit
 
@@ -141,11 +158,8 @@ def main(argv):
     common.fit = recording_fit
 
     code = script.main(script_argv)
-    # what is left for the interpreter's shutdown (a process group's threads must be gone),
-    # where the system lists a process's threads
-    tasks = Path("/proc/self/task")
-    report["threads_after_main"] = sorted(
-        Path(task, "comm").read_text().strip() for task in tasks.iterdir()) if tasks.is_dir() else None
+    # what is left for the interpreter's shutdown (a process group's threads must be gone)
+    report["threads_after_main"] = thread_names()
     options.report_dir.mkdir(parents=True, exist_ok=True)
     (options.report_dir / f"rank{rank}.json").write_text(json.dumps(report))
     return code
