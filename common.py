@@ -105,7 +105,8 @@ class StopFlag:
 
 
 def fail_cleanly(main):
-    """Call main() and turn the user-facing exceptions into one line and an exit code."""
+    """Call main() and turn the user-facing exceptions into one line and an exit code; under
+    torchrun, then free what still holds the process group."""
     try:
         return main()
     except (UserError, TrainingDiverged) as error:
