@@ -125,7 +125,10 @@ def backbone_features(model, x):
 
 
 def frozen_modules(model, train_layers):
-    """The modules that stay fixed when only the last train_layers stages learn."""
+    """The modules that stay fixed when only the last train_layers stages learn: none in
+    full fine-tuning, else the stem (conv1, bn1) and the stages before the last ones."""
+    if train_layers == len(STAGES):
+        return []
     stem = [model.conv1, model.bn1]
     return stem + [getattr(model, s) for s in STAGES[:len(STAGES) - train_layers]]
 
@@ -183,11 +186,14 @@ class ResNetRecipe(common.Recipe):
 
     def build_optimizer(self, model, total_steps, precision):
         args = self.args
-        head = list(model.fc.parameters())
+        head_lr = args.lr * HEAD_LR_SCALE
         body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("fc.")]
-        groups = [dict(params=head, lr=args.lr * HEAD_LR_SCALE, weight_decay=args.weight_decay)]
-        groups += [dict(params=[p for p in body if p.ndim > 1], lr=args.lr, weight_decay=args.weight_decay),
-                   dict(params=[p for p in body if p.ndim <= 1], lr=args.lr, weight_decay=0.0)]
+        # Weight decay on weight matrices and filters only: biases and BatchNorm parameters
+        # set offsets and scales, which decay would only pull towards zero.
+        groups = [dict(params=[model.fc.weight], lr=head_lr, weight_decay=args.weight_decay),
+                  dict(params=[model.fc.bias], lr=head_lr, weight_decay=0.0),
+                  dict(params=[p for p in body if p.ndim > 1], lr=args.lr, weight_decay=args.weight_decay),
+                  dict(params=[p for p in body if p.ndim <= 1], lr=args.lr, weight_decay=0.0)]
         optimizer = torch.optim.SGD([g for g in groups if g["params"]], momentum=args.momentum,
                                     nesterov=True, fused=precision.fused_optimizer or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

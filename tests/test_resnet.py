@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 import torchvision
 
@@ -94,3 +96,44 @@ def test_weights_file_of_another_model_is_refused(resnet, image_folders, tmp_pat
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
     assert train(resnet, image_folders, tmp_path / "run", "--weights", str(path)) == 2
     assert "is not a ResNet-18 state dict" in capsys.readouterr().err
+
+
+def one_step(resnet, image_folders, weights_file, out, *extra):
+    """One optimizer step (16 images, batches of 16) from weights_file; the trained state."""
+    assert resnet.main(["--data-dir", str(image_folders), "--out", str(out), *RESNET_FAST,
+                        "--weights", str(weights_file), "--epochs", "1", "--subset", "16",
+                        *extra]) == 0
+    return torch.load(weights_file, weights_only=True), \
+        torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_full_fine_tuning_changes_every_tensor_in_one_step(resnet, image_folders, weights_file,
+                                                          tmp_path):
+    loaded, trained = one_step(resnet, image_folders, weights_file, tmp_path / "run")
+    backbone = [key for key in loaded if not key.startswith("fc.")]
+    assert "conv1.weight" in backbone and "bn1.running_var" in backbone
+    unchanged = [key for key in backbone if torch.equal(trained[key], loaded[key])]
+    assert unchanged == []  # the stem and every BatchNorm statistic included
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_train_layers_freezes_exactly_the_stem_and_the_first_stages(resnet, image_folders,
+                                                                    weights_file, tmp_path, k):
+    loaded, trained = one_step(resnet, image_folders, weights_file, tmp_path / "run",
+                               "--train-layers", str(k))
+    frozen = ("conv1.", "bn1.") + tuple(f"{stage}." for stage in resnet.STAGES[:4 - k])
+    for key in (key for key in loaded if not key.startswith("fc.")):
+        assert torch.equal(trained[key], loaded[key]) == key.startswith(frozen), key
+
+
+@pytest.mark.parametrize("mode", [[], ["--train-layers", "2"], ["--freeze"]])
+def test_no_bias_or_batchnorm_parameter_is_weight_decayed(resnet, mode):
+    args = resnet.build_parser().parse_args(["--weights", "none", *mode])
+    recipe = resnet.ResNetRecipe(args)
+    model = recipe.build_model(None)
+    optimizer, _ = recipe.build_optimizer(model, 10, common.Precision(torch.device("cpu"), False))
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert (decay[id(p)] > 0) == (p.ndim > 1), name
+    assert decay[id(model.fc.bias)] == 0 and decay[id(model.fc.weight)] > 0
