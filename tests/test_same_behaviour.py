@@ -22,7 +22,9 @@ from conftest import CNN_FAST, RESNET_FAST
 from loading import ROOT
 import common
 
-REFERENCE = "6773970"
+# The commit each script's training is compared with (the ResNet's moved when full
+# fine-tuning began to train the stem and the head's bias lost its weight decay).
+REFERENCE = {"cnn": "6773970", "resnet": "1ea00e0"}
 SCRIPTS = {"cnn": "using-simple-CNN.py", "resnet": "using-pretrained-resnet.py"}
 CASES = {
     "cnn": ("cnn", CNN_FAST + ["--epochs", "3", "--subset", "48"]),
@@ -42,23 +44,24 @@ TIMINGS = {"seconds", "epoch_seconds", "images_per_second", "train_seconds", "to
 
 
 def load_reference(tmp_path_factory):
-    """The reference commit's two scripts, each bound to the reference common.py."""
+    """Each script at its reference commit, bound to that commit's common.py."""
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: the reference commit cannot be read")
-    folder = tmp_path_factory.mktemp("reference")
-    for name in ["common.py", *SCRIPTS.values()]:
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{REFERENCE}:{name}"],
-                               capture_output=True, text=True)
-        if shown.returncode:  # e.g. a shallow clone without the reference commit
-            pytest.skip(f"the reference commit {REFERENCE} is not in this clone")
-        text = shown.stdout
-        (folder / name).write_text(text)
-    today = sys.modules["common"]
-    try:
-        sys.modules["common"] = load(folder / "common.py", "reference_common")
-        return {key: load(folder / name, f"reference_{key}") for key, name in SCRIPTS.items()}
-    finally:
-        sys.modules["common"] = today  # the reference scripts keep their own common
+    scripts, today = {}, sys.modules["common"]
+    for key, script in SCRIPTS.items():
+        folder = tmp_path_factory.mktemp(f"reference-{key}")
+        for name in ("common.py", script):
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{REFERENCE[key]}:{name}"],
+                                   capture_output=True, text=True)
+            if shown.returncode:  # e.g. a shallow clone without the reference commit
+                pytest.skip(f"the reference commit {REFERENCE[key]} is not in this clone")
+            (folder / name).write_text(shown.stdout)
+        try:
+            sys.modules["common"] = load(folder / "common.py", f"reference_common_{key}")
+            scripts[key] = load(folder / script, f"reference_{key}")
+        finally:
+            sys.modules["common"] = today  # the reference scripts keep their own common
+    return scripts
 
 
 def load(path, name):
