@@ -16,8 +16,7 @@ recipe (a Recipe subclass); everything else lives here, in the order data flows:
 
 The whole dataset is decoded once into a uint8 tensor on the training device and
 augmented there in whole batches: no per-image Python work and no DataLoader workers in
-the hot path. `--pipeline plain` swaps in the textbook alternative (PIL and a DataLoader,
-one image at a time) with the same augmentation, so the two can be timed side by side.
+the hot path.
 """
 
 import argparse
@@ -160,12 +159,6 @@ def make_parser(description, defaults):
          help="where decoded images (and the ResNet's frozen features) are kept between runs, "
               "so that later runs read them instead of decoding PNG files or running the "
               "backbone again; none turns it off (default: %(default)s)")
-    data("--pipeline", choices=("batched", "plain"), default="batched",
-         help="batched: whole batches augmented on the device; plain: one PIL image at a time "
-              "in DataLoader workers, the textbook way, to compare speeds (default: %(default)s)")
-    data("--workers", type=int, default=2, metavar="N",
-         help="DataLoader worker processes for --pipeline plain; 0 makes the batches in the "
-              "training process (default: %(default)s)")
     schedule = parser.add_argument_group("schedule").add_argument
     schedule("--epochs", type=positive_int, default=defaults["epochs"],
              help="passes over the training set; the learning-rate schedule spans all of them "
@@ -248,8 +241,6 @@ def check_args(args):
         raise UserError(f"--stop-after {args.stop_after} is beyond --epochs {args.epochs}")
     if args.eval_images < 0:
         raise UserError(f"--eval-images {args.eval_images} must be 0 (all) or more")
-    if args.workers < 0:
-        raise UserError(f"--workers {args.workers} must be 0 or more")
     if not 0 <= args.translate <= 8:
         raise UserError(f"--translate {args.translate}: expected 0 to 8 pixels")
     if not 0 <= args.label_smoothing < 1:
@@ -735,8 +726,6 @@ def make_input_source(args, recipe, model, data, device, precision):
     if frozen is not None:
         return CachedFeatures(recipe, model, data, precision, *frozen,
                               DiskCache(args.cache), compile=args.compile)
-    if args.pipeline == "plain":
-        return PlainBatches(recipe, model, data, args.workers, device)
     return DeviceBatches(recipe, model, data)
 
 
@@ -759,60 +748,6 @@ class DeviceBatches:
 
     def metrics(self):
         return {}
-
-
-class PlainImages(torch.utils.data.Dataset):
-    """The textbook input pipeline, one PIL image at a time.
-
-    Applies the epoch plan's shift and flip of each image (so both pipelines train on
-    the same pixels), resizes to the model's input size and normalises, in the process
-    that asks: DataLoader workers, when there are some.
-    """
-
-    def __init__(self, images, plan, recipe):
-        self.images, self.shifts, self.flips = images, plan.shifts.cpu(), plan.flips.cpu()
-        self.pad, self.size = plan.translate, recipe.input_size
-        self.mean, self.std = recipe.mean, recipe.std
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        import torchvision.transforms.functional as TF
-        from PIL import Image
-
-        image = Image.fromarray(self.images[i].numpy())
-        if self.flips[i]:  # mirror, then shift: the order crop_flip's gather has
-            image = TF.hflip(image)
-        if self.pad:
-            dy, dx = self.shifts[i].tolist()
-            image = TF.pad(image, self.pad, padding_mode="reflect")
-            image = TF.crop(image, self.pad + dy, self.pad + dx, 32, 32)
-        if self.size != 32:
-            image = TF.resize(image, [self.size, self.size], TF.InterpolationMode.BILINEAR)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
-
-
-class PlainBatches(DeviceBatches):
-    """--pipeline plain: a DataLoader over PlainImages, fed to the model as NCHW tensors.
-
-    The steps, the augmentation and the data order are the batched pipeline's; only where
-    and how the input tensors are made differs. A new loader is made each epoch (its
-    workers start again), as in most training scripts.
-    """
-
-    def __init__(self, recipe, model, data, workers, device):
-        super().__init__(recipe, model.to(memory_format=torch.contiguous_format), data)
-        self.cpu_images, self.workers, self.device = data["train_images"].cpu(), workers, device
-
-    def batches(self, steps, plan):
-        steps = list(steps)
-        indices = torch.stack([idx for _, idx in steps]).tolist() if steps else []  # one read
-        loader = torch.utils.data.DataLoader(
-            PlainImages(self.cpu_images, plan, self.recipe), batch_sampler=indices,
-            num_workers=self.workers, pin_memory=self.device.type == "cuda")
-        for (step, idx), inputs in zip(steps, loader):
-            yield step, idx, inputs.to(self.device, non_blocking=True)
 
 
 class CachedFeatures:

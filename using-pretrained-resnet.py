@@ -66,10 +66,6 @@ def build_parser():
     add("--train-layers", type=int, choices=range(0, 5), default=None, metavar="K",
         help="train only the last K residual stages (0-4) and the head; frozen parts keep "
              "their BatchNorm statistics; 0 is --freeze (default: all layers)")
-    add("--recompute-features", action="store_true",
-        help="with --freeze, run the frozen backbone on every batch of every epoch instead of "
-             "computing its features once: much slower, but it allows random shifts, and it "
-             "is the baseline the feature cache is timed against (default: off)")
     add("--image-size", type=int, default=IMAGE_SIZE, metavar="PX",
         help="side in pixels the 32x32 images are resized to, at least 32 (default: %(default)s)")
     return parser
@@ -157,12 +153,6 @@ class ResNetRecipe(common.Recipe):
         if args.freeze and args.train_layers not in (None, 0):
             raise common.UserError(f"--freeze trains only the head; it cannot be combined with "
                                    f"--train-layers {args.train_layers}")
-        if args.recompute_features and self.train_layers != 0:
-            raise common.UserError("--recompute-features applies only with --freeze (the "
-                                   "features are recomputed every step otherwise anyway)")
-        if self.train_layers == 0 and args.pipeline == "plain" and not args.recompute_features:
-            raise common.UserError("--freeze computes the features once, in batches; "
-                                   "--pipeline plain needs --recompute-features with it")
 
     @property
     def input_size(self):
@@ -202,7 +192,7 @@ class ResNetRecipe(common.Recipe):
 
     def frozen_parts(self, model):
         # --freeze: the backbone never changes, so its features are computed once
-        if self.train_layers == 0 and not self.args.recompute_features:
+        if self.train_layers == 0:
             return functools.partial(backbone_features, model), model.fc
         return None
 

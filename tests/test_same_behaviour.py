@@ -28,8 +28,6 @@ REFERENCE = {"cnn": "6773970", "resnet": "1ea00e0"}
 SCRIPTS = {"cnn": "using-simple-CNN.py", "resnet": "using-pretrained-resnet.py"}
 CASES = {
     "cnn": ("cnn", CNN_FAST + ["--epochs", "3", "--subset", "48"]),
-    "cnn-plain": ("cnn", CNN_FAST + ["--epochs", "2", "--subset", "48", "--pipeline", "plain",
-                                     "--workers", "0"]),
     "resnet-freeze": ("resnet", RESNET_FAST + ["--epochs", "2", "--freeze"]),
     "resnet-train-layers": ("resnet", RESNET_FAST + ["--epochs", "2", "--subset", "32",
                                                      "--train-layers", "1"]),
