@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,12 @@ HOST_READ_EVERY = 25   # training steps between host reads of device values on a
 EVAL_BATCH_SIZE = 500  # test images per evaluation batch
 EVAL_IMAGES = 2000     # test images scored after each epoch: a curve at a fraction of the cost
 FEATURE_BATCH_SIZE = 250  # images per batch of a frozen backbone's feature pass
+DECODE_THREADS = 4     # threads decoding image files (PIL releases the GIL while it decodes)
+ORIENTATION = 0x0112   # the EXIF tag saying how a photo was rotated
+SPLITS = ("train", "val", "test")  # image-folder splits; val/ is optional
+PICTURE_DPI = 160      # curves.png is 1440x576 pixels: sharp on a high-density screen
+CONFUSION_NUMBERS = 30  # classes up to which confusion.png writes the count in each cell
+DEVICE_MEMORY_SHARE = 0.5  # of a GPU's free memory the images may take; more stay on the host
 # Flags that belong to one invocation; --resume takes every other flag from the checkpoint
 PER_RUN_FLAGS = ("resume", "stop_after", "out", "overwrite", "checkpoint", "eval_only", "predict",
                  "export", "cache")
@@ -71,24 +77,23 @@ class TrainingDiverged(Exception):
     """The loss became NaN or infinite: reported as one line, exit status 1."""
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; training stops between two steps."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt: no `except
+    Exception` on the way out may swallow it."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag that the loops read between steps (Trainer.poll).
-
-    Stopping between steps (never inside one) keeps model and optimizer consistent,
-    so the checkpoint written on the way out resumes exactly.
-    """
+class Signals:
+    """SIGINT and SIGTERM as Interrupted, raised at once wherever the run is, except inside
+    deferred(): there they only set a flag that the loops read between two steps
+    (Trainer.poll), so model and optimizer stay consistent and the checkpoint written on
+    the way out resumes exactly."""
 
     def __init__(self):
-        self.signum = 0
-        self._previous = {}
+        self.signum, self.deferring, self._previous = 0, False, {}
 
     def __enter__(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -101,16 +106,32 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if not self.deferring:
+            raise Interrupted(signum)
+
+    @contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.signum:  # arrived after the last poll
+            raise Interrupted(self.signum)
 
 
 def fail_cleanly(main):
-    """Call main() and turn the user-facing exceptions into one line and an exit code; under
-    torchrun, then free what still holds the process group."""
+    """Call main() and turn the user-facing exceptions and signals into one line and an
+    exit code; under torchrun, then free what still holds the process group."""
     try:
         return main()
     except (UserError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UserError) else 1
+    except (Interrupted, KeyboardInterrupt) as error:  # before any training state existed
+        signum = getattr(error, "signum", signal.SIGINT)
+        log(f"interrupted by {signal.Signals(signum).name}; nothing to save yet")
+        return 128 + signum
     finally:
         if launched_by_torchrun():
             # What the run left in reference cycles (a compiled model leaves some) goes now,
@@ -459,20 +480,21 @@ def broadcast_from_rank0(tensors):
 # Data
 
 
-def load_cifar10(data_dir, subset=None, cache=None):
-    """Both splits as uint8 NHWC tensors and int64 labels, from whichever layout DIR holds.
+def load_dataset(data_dir, size=32, subset=None, cache=None):
+    """Every split as uint8 NHWC tensors and int64 labels, from whichever layout DIR holds.
 
-    subset: keep at most this many images of each split (see subset_indices); cache: a
-    DiskCache for the decoded image folders. Returns dict(train_images, train_labels,
-    test_images, test_labels, source).
+    size: the side the model trains at (see stored_size); subset: keep at most this many
+    images of each split (see subset_indices); cache: a DiskCache for decoded image folders.
+    Returns dict(classes, image_size, train_images, train_labels, test_images, test_labels,
+    and val_images, val_labels where there is a val/ split).
     """
     root = Path(data_dir)
     if root.name == "cifar-10-batches-py":  # the user pointed at the archive's folder itself
         root = root.parent
     if (root / "cifar-10-batches-py").is_dir():
         return take_subset(_read_torchvision(root, download=False), subset)
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        return _read_image_folders(root, subset, cache or DiskCache("none"))
+    if any((root / split).is_dir() for split in SPLITS):
+        return _read_image_folders(root, size, subset, cache or DiskCache("none"))
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is a file, not a directory")
     return take_subset(_read_torchvision(root, download=True), subset)
@@ -491,7 +513,7 @@ def _read_torchvision(root, download):
             f"{what} ({reason}). Put the extracted cifar-10-batches-py folder of "
             f"cifar-10-python.tar.gz in {root}, or class folders {root}/train/<class>/ and "
             f"{root}/test/<class>/") from None
-    data = {"source": "torchvision"}
+    data = {"classes": list(CLASSES), "image_size": 32}
     for train, split in splits.items():
         name = "train" if train else "test"
         data[f"{name}_images"] = torch.from_numpy(np.ascontiguousarray(split.data))
@@ -499,57 +521,125 @@ def _read_torchvision(root, download):
     return data
 
 
-def _read_image_folders(root, subset, cache):
-    """Decoding 60,000 PNG files takes a while on every run, so the decoded tensors are
-    cached, keyed by every file's name, size and modification time."""
-    files = {split: _list_image_folder(root, split, subset) for split in ("train", "test")}
+def _read_image_folders(root, size, subset, cache):
+    """Decoding thousands of image files takes a while on every run, so the decoded tensors
+    are cached, keyed by every file's name, size and modification time."""
+    classes, files = _list_image_folders(root, subset)
+    size = stored_size(files["train"][0][0], size)
     stats = [(str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns)
              for paths, _ in files.values() for path in paths for stat in [path.stat()]]
     key = {"what": "decoded images", "folder": str(root.resolve()), "files": digest(stats),
-           "format": 1}  # format: bump when the decoding changes
+           "size": size, "format": 2}  # format: bump when the decoding changes
     data = cache.load(key)
     if data is not None:
         log(f"read the decoded images from {cache.path(key)}")
     else:
+        check_memory(sum(len(paths) for paths, _ in files.values()) * size * size * 3)
         data = {}
         for split, (paths, labels) in files.items():
-            with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decoding releases the GIL
-                images = list(pool.map(_read_32x32_image, paths, chunksize=256))
-            data[f"{split}_images"] = torch.from_numpy(np.stack(images))
+            data[f"{split}_images"] = decode_images(paths, size, f"decoding {split}/")
             data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
         if is_main_process():  # one writer under torchrun, as for the frozen features
             cache.save(key, data)
-    return {**data, "source": "image-folders"}
+    return {**data, "classes": classes, "image_size": size}
 
 
-def _list_image_folder(root, split, subset):
-    """(files, labels) of root/split/<class>/, checked; at most subset of them."""
-    folder = root / split
-    if not folder.is_dir():
-        raise UserError(f"{root} has no {split}/ folder: expected {root}/{split}/<class>/ images")
-    found = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    missing, extra = sorted(set(CLASSES) - found), sorted(found - set(CLASSES))
-    if missing or extra:
-        raise UserError(f"{folder} must hold exactly the 10 CIFAR-10 class folders"
-                        + (f"; missing: {', '.join(missing)}" if missing else "")
-                        + (f"; unexpected: {', '.join(extra)}" if extra else ""))
-    files, labels = [], []
-    for label, name in enumerate(CLASSES):
-        paths = sorted(p for p in (folder / name).iterdir()
-                       if p.is_file() and not p.name.startswith("."))
-        files += paths
-        labels += [label] * len(paths)
-    if not files:
-        raise UserError(f"{folder} has class folders but no images")
-    if subset is not None:  # choose before decoding: a quick run reads only what it uses
-        keep = subset_indices(len(files), subset, split)
-        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-    return files, labels
+def _list_image_folders(root, subset):
+    """The class names (sorted, as torchvision's ImageFolder has them) and each split's
+    (files, labels), checked; at most subset files of each split."""
+    found = {}
+    for split in (s for s in SPLITS if (root / s).is_dir()):
+        entries = [p for p in (root / split).iterdir() if not p.name.startswith(".")]
+        stray = [p.name for p in entries if not p.is_dir()]
+        if stray:
+            raise UserError(f"{root / split} holds a file, {stray[0]}, beside its class folders: "
+                            f"every image goes in a class folder, {root / split}/<class>/")
+        found[split] = sorted(p.name for p in entries)
+    for split in ("train", "test"):
+        if split not in found:
+            raise UserError(f"{root} has no {split}/ folder: expected {root}/{split}/<class>/ images")
+    classes = found["train"]
+    if len(classes) < 2:
+        raise UserError(f"{root / 'train'} holds {len(classes)} class folder"
+                        f"{'' if len(classes) == 1 else 's'}: a classifier needs two or more")
+    for split, names in found.items():
+        for name in sorted(set(classes) ^ set(names)):
+            has = [s for s in found if name in found[s]]
+            raise UserError(f"class folder {name!r} is in {' and '.join(has)}/ but not in "
+                            f"{' and '.join(s for s in found if s not in has)}/: every split "
+                            f"needs the same classes")
+    files = {}
+    for split in found:
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            images = sorted(p for p in (root / split / name).iterdir()
+                            if p.is_file() and not p.name.startswith("."))
+            if not images:
+                raise UserError(f"{root / split / name} is empty: every class folder needs images")
+            paths += images
+            labels += [label] * len(images)
+        if subset is not None:  # choose before decoding: a quick run reads only what it uses
+            keep = subset_indices(len(paths), subset, split)
+            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        files[split] = paths, labels
+    return classes, files
 
 
-def read_image(path):
-    """An RGB image file as an HxWx3 uint8 array; anything else is one clear error."""
-    from PIL import Image, UnidentifiedImageError
+def stored_size(first_image, size):
+    """The side images are kept at: the model's input size, or smaller when the images are
+    small squares already (CIFAR-10's 32x32 for a 224-px ResNet), which the model input
+    then resizes batch by batch on the device: nothing is enlarged in memory."""
+    from PIL import Image
+    try:
+        with Image.open(first_image) as image:
+            width, height = image.size
+    except Exception:  # reported, with its name, when it is decoded
+        return size
+    return width if width == height and width < size else size
+
+
+def check_memory(needed):
+    """Refuse, before decoding, images that would not fit in the memory that is free."""
+    free = available_memory()
+    if free is not None and needed > free:
+        raise UserError(f"the decoded images would take {needed / 2**30:.1f} GiB and "
+                        f"{free / 2**30:.1f} GiB of memory is free: train on fewer with "
+                        f"--subset N, or on smaller ones (the ResNet's --image-size)")
+
+
+def available_memory():
+    """Bytes of host memory free for new data (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def decode_images(paths, size, what):
+    """Decode image files into one (N, size, size, 3) uint8 tensor, in threads (PIL's
+    decoders release the GIL), with a progress bar when it takes more than a moment."""
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    pool = ThreadPoolExecutor(max_workers=DECODE_THREADS)
+    try:
+        decoded = pool.map(functools.partial(decode_image, size=size), paths)
+        for i, image in enumerate(progress_bar(iterable=decoded, total=len(paths), desc=what,
+                                               unit="image", delay=1)):
+            images[i] = image
+    finally:  # an error or a signal: the images not started yet are not decoded
+        pool.shutdown(wait=True, cancel_futures=True)
+    return torch.from_numpy(images)
+
+
+def decode_image(path, size=None):
+    """An image file as an HxWx3 uint8 RGB array: EXIF orientation applied, any mode made
+    RGB; with size, its shorter side resized to size and the centre size x size kept (as
+    torchvision's evaluation transform does). Anything unreadable is one clear error."""
+    from PIL import Image, ImageOps
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory, not an image file")
@@ -557,19 +647,23 @@ def read_image(path):
         raise UserError(f"{path}: no such file")
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            if size is not None:  # a JPEG decodes at 1/2, 1/4 or 1/8 scale at a fraction of the cost
+                scale = size / min(image.size)
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+            if image.getexif().get(ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # PIL warns when a palette goes to RGB directly
+            image = image.convert("RGB")
+            if size is not None and image.size != (size, size):
+                side = min(image.size)
+                left, top = (image.width - side) / 2, (image.height - side) / 2
+                image = image.resize((size, size), Image.Resampling.BILINEAR,
+                                     box=(left, top, left + side, top + side))
+            return np.array(image)
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError, EOFError) as error:
         raise UserError(f"{path} is not a readable image ({type(error).__name__})") from None
-
-
-def _read_32x32_image(path):
-    # Refused rather than resized: a training image of another size means the folder is
-    # not CIFAR-10, and silently resizing would hide that.
-    image = read_image(path)
-    if image.shape[:2] != (32, 32):
-        raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels; CIFAR-10 images "
-                        f"are 32x32 (resize your images first)")
-    return image
 
 
 def subset_indices(count, n, split):
@@ -585,7 +679,7 @@ def take_subset(data, n):
     if n is None:
         return data
     data = dict(data)
-    for split in ("train", "test"):
+    for split in (s for s in SPLITS if f"{s}_labels" in data):
         keep = subset_indices(len(data[f"{split}_labels"]), n, split)
         data[f"{split}_images"] = data[f"{split}_images"][keep]
         data[f"{split}_labels"] = data[f"{split}_labels"][keep]
@@ -714,37 +808,54 @@ def crop_flip(images, shifts, flips):
 # Input sources: where each training step's inputs come from
 #
 # A source names the module that trains (train_module) and the one evaluated
-# (eval_module); batches() makes the inputs of the steps it is given; test_inputs and
-# test_input() are the evaluation's inputs and what turns a slice of them into the
-# evaluated module's input; setup() is any work before the first epoch. Adding a way of
+# (eval_module); batches() makes the inputs of the steps it is given; test_inputs (and
+# val_inputs, None without a val/ split) and test_input() are the evaluation's inputs and
+# what turns a slice of them into the evaluated module's input; setup() is any work
+# before the first epoch. Adding a way of
 # feeding the model means adding a source and one line to make_input_source.
 
 
 def make_input_source(args, recipe, model, data, device, precision):
     """The one place that picks where training inputs come from."""
-    frozen = recipe.frozen_parts(model)
+    frozen = recipe.frozen_backbone_and_head(model)
     if frozen is not None:
-        return CachedFeatures(recipe, model, data, precision, *frozen,
+        return CachedFeatures(recipe, model, data, device, precision, *frozen,
                               DiskCache(args.cache), compile=args.compile)
-    return DeviceBatches(recipe, model, data)
+    return DeviceBatches(recipe, model, data, device)
 
 
 class DeviceBatches:
-    """The default: the uint8 dataset on the device, augmented there in whole batches."""
+    """The default: the uint8 dataset on the device, augmented there in whole batches.
 
-    def __init__(self, recipe, model, data):
-        self.recipe, self.train_images = recipe, data["train_images"]
+    Images too large for the device stay in host memory: each batch is gathered there and
+    copied over (pinned, so the copy overlaps the step), then augmented on the device.
+    """
+
+    def __init__(self, recipe, model, data, device):
+        self.recipe, self.train_images, self.device = recipe, data["train_images"], device
         self.train_module = self.eval_module = model
-        self.test_inputs, self.test_input = data["test_images"], recipe.model_input
+        self.test_inputs, self.val_inputs = data["test_images"], data.get("val_images")
+
+    def test_input(self, images):
+        return self.recipe.model_input(images.to(self.device, non_blocking=True))
 
     def setup(self, poll):
         pass
 
     def batches(self, steps, plan):
-        """(step, image indices, model input) for each (step, image indices) in steps."""
-        for step, idx in steps:
-            images = crop_flip(self.train_images[idx], plan.shifts[idx], plan.flips[idx])
-            yield step, idx, self.recipe.model_input(images)
+        """(step, image indices, model input) for each (step, rows of plan.order) in steps."""
+        for step, rows in steps:
+            idx = plan.order[rows]
+            yield step, idx, self.recipe.model_input(crop_flip(
+                self.images(plan, rows, idx), plan.shifts[idx], plan.flips[idx]))
+
+    def images(self, plan, rows, idx):
+        """The batch's uint8 images on the device."""
+        if self.train_images.device == self.device:
+            return self.train_images[idx]
+        batch = self.train_images[plan.host_order[rows]]
+        return (batch.pin_memory() if self.device.type == "cuda" else batch).to(
+            self.device, non_blocking=True)
 
     def metrics(self):
         return {}
@@ -760,8 +871,9 @@ class CachedFeatures:
     head flags (--lr, --epochs, --seed, ...) reads them instead of running the backbone.
     """
 
-    def __init__(self, recipe, model, data, precision, backbone, head, cache, compile=False):
-        self.recipe, self.model, self.precision, self.cache = recipe, model, precision, cache
+    def __init__(self, recipe, model, data, device, precision, backbone, head, cache, compile=False):
+        self.recipe, self.model, self.device = recipe, model, device
+        self.precision, self.cache = precision, cache
         self.backbone = backbone  # model input -> the head's input
         # uint8 images -> features; with --compile, inductor also folds the frozen weights
         # and BatchNorm into the convolutions and fuses the resize (inference only)
@@ -772,13 +884,17 @@ class CachedFeatures:
             self.images_to_features = torch.compile(self.images_to_features)
             self.inference_settings = functools.partial(torch._inductor.config.patch, freezing=True)
         self.train_images, self.test_images = data["train_images"], data["test_images"]
+        self.val_images = data.get("val_images")
         self.train_module = self.eval_module = head
-        self.test_inputs, self.test_input = None, lambda features: features  # see setup()
+        self.test_inputs = self.val_inputs = None  # see setup()
+        self.test_input = lambda features: features
         self.feature_seconds = 0.0
 
     def setup(self, poll):
         started = time.perf_counter()
-        backbone = {k: v for k, v in self.model.state_dict().items() if not k.startswith("fc.")}
+        head = {id(t) for t in self.train_module.state_dict(keep_vars=True).values()}
+        backbone = {k: v for k, v in self.model.state_dict(keep_vars=True).items()
+                    if id(v) not in head}
         self.key = {"what": "frozen features", "recipe": self.recipe.name,
                     "backbone": digest(backbone), "image_size": self.recipe.input_size,
                     "precision": self.precision.name, "device": self.precision.device_type,
@@ -790,6 +906,9 @@ class CachedFeatures:
                                              poll, mirror=True)
         self.test_inputs = self.cached(self.test_images, digest(self.test_images), "test images",
                                        poll)
+        if self.val_images is not None:
+            self.val_inputs = self.cached(self.val_images, digest(self.val_images),
+                                          "validation images", poll)
         self.feature_seconds = time.perf_counter() - started
         log(f"features of {2 * len(self.train_features)} training and {len(self.test_inputs)} "
             f"test images ready in {self.feature_seconds:.1f} s")
@@ -800,7 +919,7 @@ class CachedFeatures:
         features = from_rank0(lambda: self.cache.load(key))
         if features is not None:
             log(f"read the features of {len(images)} {what} from {self.cache.path(key)}")
-            return features.to(images.device)
+            return features.to(self.device)
         log(f"computing the frozen backbone's features of {len(images)} {what} at "
             f"{self.recipe.input_size} px" + (" (cached for later runs)" if self.cache.folder else ""))
         features = self.features(images, what, poll, mirror)
@@ -814,14 +933,14 @@ class CachedFeatures:
         self.model.eval()
         rank, world_size = rank_and_world_size()
         start, end = shard(len(images), rank, world_size)
-        per_rank, read_every = rows_per_rank(len(images), world_size), steps_per_host_read(images.device)
+        per_rank, read_every = rows_per_rank(len(images), world_size), steps_per_host_read(self.device)
         parts = []
         # Every rank makes the same number of passes (a shorter shard's last may be empty),
         # so poll(), a collective under torchrun, is called equally often on all.
         batches = range(start, start + per_rank, FEATURE_BATCH_SIZE)
         for n, i in enumerate(progress_bar(iterable=batches, desc=f"features of {what}",
                                            unit="batch")):
-            batch = images[i:min(i + FEATURE_BATCH_SIZE, end)]
+            batch = images[i:min(i + FEATURE_BATCH_SIZE, end)].to(self.device, non_blocking=True)
             if len(batch):
                 if mirror:
                     batch = batch.flip(2)  # NHWC: axis 2 is the width
@@ -832,11 +951,14 @@ class CachedFeatures:
                     parts.append(self.images_to_features(batch)[:min(end - i, len(batch))])
             if (n + 1) % read_every == 0:
                 poll()
-        empty = images.new_zeros((0, self.train_module.in_features), dtype=torch.float32)
-        return gather_rows(torch.cat(parts) if parts else empty, len(images))
+        if not parts:  # this rank's shard is empty: a zero-row tensor of the features' width
+            with self.precision.autocast():
+                parts = [self.images_to_features(images[:1].to(self.device))[:0]]
+        return gather_rows(torch.cat(parts), len(images))
 
     def batches(self, steps, plan):
-        for step, idx in steps:
+        for step, rows in steps:
+            idx = plan.order[rows]
             flips = plan.flips[idx, None]
             yield step, idx, torch.where(flips, self.mirrored_features[idx], self.train_features[idx])
 
@@ -869,6 +991,8 @@ class Trainer:
         self.steps_per_epoch = n // self.batch_size  # the last partial batch is dropped
         self.total_steps = self.steps_per_epoch * args.epochs
         self.train_labels, self.test_labels = data["train_labels"], data["test_labels"]
+        self.val_labels = data.get("val_labels")
+        self.classes, self.image_size = data["classes"], data["image_size"]
         self.train_module = source.train_module  # what the step runs; wrap() may wrap it
         self.optimizer, self.scheduler = recipe.build_optimizer(model, self.total_steps, precision)
         if precision.fused_optimizer:
@@ -897,20 +1021,22 @@ class Trainer:
     def start_epoch(self):
         """Draw this epoch's data order and augmentation (from the saved state on resume)."""
         self.data_rng.set_state(self.epoch_rng_state)
-        plan = EpochPlan(len(self.train_labels), self.data_rng, self.args.translate,
-                         self.args.flip, self.epoch, self.args.seed + 1)
+        shift = round(self.args.translate * self.image_size / 32)  # --translate is in 32x32 pixels
+        plan = EpochPlan(len(self.train_labels), self.data_rng, shift, self.args.flip,
+                         self.epoch, self.args.seed + 1)
+        plan.host_order = plan.order
         plan.order, plan.shifts, plan.flips = (x.to(self.device) for x in
                                                (plan.order, plan.shifts, plan.flips))
         self.plan = plan
 
     def steps_left(self):
-        """(step, this rank's image indices) for the steps left in the epoch."""
+        """(step, the rows of plan.order that are this rank's images) for the steps left."""
         local = self.batch_size // self.world_size
         for step in range(self.step_in_epoch, self.steps_per_epoch):
-            idx = self.plan.order[step * self.batch_size:(step + 1) * self.batch_size]
-            yield step, idx[self.rank * local:(self.rank + 1) * local]
+            start = step * self.batch_size + self.rank * local
+            yield step, slice(start, start + local)
 
-    def poll(self, stop):
+    def poll(self, signals):
         """The loops' one read of device values on the host, every read_every steps.
 
         Under torchrun the signal flag and a non-finite loss are combined over all ranks in
@@ -918,7 +1044,7 @@ class Trainer:
         Returns this rank's running loss sum as a float.
         """
         loss_sum = self.sums["loss"]
-        flags = torch.stack([torch.full((), float(stop.signum), device=self.device),
+        flags = torch.stack([torch.full((), float(signals.signum), device=self.device),
                              (~loss_sum.isfinite()).float(), loss_sum.float()])
         if dist.is_initialized():
             dist.all_reduce(flags[:2], op=dist.ReduceOp.MAX)
@@ -947,7 +1073,7 @@ class Trainer:
         return {"train_loss": loss / count, "train_accuracy": correct / count,
                 "seconds": self.sums["seconds"], "images": int(count)}
 
-    def end_epoch(self, stats, test_accuracy, test_images, wall_seconds):
+    def end_epoch(self, stats, test_accuracy, test_images, scored, wall_seconds):
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_rng_state = self.data_rng.get_state()
@@ -956,7 +1082,7 @@ class Trainer:
         previous = self.history[-1]["seconds"] if self.history else 0.0
         record = {"epoch": self.epoch, "train_loss": stats["train_loss"],
                   "train_accuracy": stats["train_accuracy"], "test_accuracy": test_accuracy,
-                  "test_images": test_images,
+                  "test_images": test_images, "scored_on": scored,
                   "seconds": previous + wall_seconds, "epoch_seconds": wall_seconds,
                   "images_per_second": stats["images"] / max(stats["seconds"], 1e-9)}
         self.history.append(record)
@@ -985,7 +1111,8 @@ class Trainer:
             "history": self.history, "train_seconds": self.train_seconds,
             "images_seen": self.images_seen,
             "best_accuracy": max([e["test_accuracy"] for e in self.history], default=0.0),
-            "classes": list(CLASSES), "world_size": self.world_size,
+            "classes": list(self.classes), "image_size": self.image_size,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, checkpoint, path):
@@ -1098,7 +1225,7 @@ def save_json(obj, path):
     save_atomically(obj, path, write)
 
 
-def save_pictures(out, history=None, confusion=None, final_accuracy=None):
+def save_pictures(out, history=None, confusion=None, final_accuracy=None, classes=CLASSES):
     """curves.png (from the per-epoch history) and confusion.png, written atomically; a
     failure is one warning line, never a lost run. matplotlib draws without a display."""
     try:
@@ -1107,10 +1234,12 @@ def save_pictures(out, history=None, confusion=None, final_accuracy=None):
         if history:
             figures["curves.png"] = draw_curves(Figure(figsize=(9, 3.6)), history, final_accuracy)
         if confusion is not None:
-            figures["confusion.png"] = draw_confusion(Figure(figsize=(7.4, 5.6)), confusion)
+            side = max(1.0, len(classes) / 10)  # CIFAR-10's ten classes at 1x, more grow it
+            figures["confusion.png"] = draw_confusion(Figure(figsize=(7.4 * side, 5.6 * side)),
+                                                      confusion, classes)
         for name, figure in figures.items():
             save_atomically(figure, Path(out) / name,
-                            lambda f, p: f.savefig(p, format="png", dpi=80, bbox_inches="tight"))
+                            lambda f, p: f.savefig(p, format="png", dpi=PICTURE_DPI, bbox_inches="tight"))
     except Exception as error:  # no matplotlib, a full disk, ...
         if str(out) not in save_pictures.failed:  # one warning a run, not one an epoch
             save_pictures.failed.add(str(out))
@@ -1145,15 +1274,16 @@ def draw_curves(figure, history, final_accuracy):
     return figure
 
 
-def draw_confusion(figure, confusion):
+def draw_confusion(figure, confusion, classes):
     counts = np.array(confusion)
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    for (row, column), count in np.ndenumerate(counts):
-        axes.text(column, row, str(count), ha="center", va="center", fontsize=7,
-                  color="white" if shares[row, column] > 0.5 else "black")
-    names = list(CLASSES)
+    if len(classes) <= CONFUSION_NUMBERS:  # beyond that the numbers would not fit their cells
+        for (row, column), count in np.ndenumerate(counts):
+            axes.text(column, row, str(count), ha="center", va="center", fontsize=7,
+                      color="white" if shares[row, column] > 0.5 else "black")
+    names = list(classes)
     axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axes.set_yticks(range(len(names)), [f"{name}  {100 * shares[i, i]:.1f}%"
                                         for i, name in enumerate(names)])
@@ -1201,14 +1331,19 @@ class Recipe:
     name = "model"
     script = "train.py"
     architecture_flags = ()
+    constants = {}  # the recipe's numbers no flag sets: --resume refuses a checkpoint of others
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     input_size = 32
+    classes = CLASSES  # the data's (or the checkpoint's) class names, set before build_model
 
     def __init__(self, args):
         self.args = args
 
     def check_args(self):
         """The script's own flag checks; raise UserError. They never change args."""
+
+    def prepare(self):
+        """Before the data is read: anything that can fail fast (a missing weights file)."""
 
     def build_model(self, train_images=None):
         """The model; train_images (uint8, on the device) is None when a checkpoint's
@@ -1225,9 +1360,10 @@ class Recipe:
         optimizer step, finish(model) after the last, state_dict() and load_state_dict()."""
         return None
 
-    def frozen_parts(self, model):
-        """(backbone, head) when only the head learns, on the output of a frozen backbone
-        that can be computed once (backbone: model input -> head input); else None."""
+    def frozen_backbone_and_head(self, model):
+        """(backbone, head) when only the head (a module of model) learns, on the output of
+        a frozen backbone that can be computed once (backbone: model input -> head input);
+        else None."""
         return None
 
     def loss(self, logits, labels):
@@ -1246,7 +1382,7 @@ class Recipe:
         return model(inputs)
 
 
-def train_one_epoch(trainer, stop, progress):
+def train_one_epoch(trainer, signals, progress):
     """Train the rest of the current epoch, following trainer.plan; returns its statistics.
 
     The running sums live on the trainer, so an epoch interrupted mid-way is saved and
@@ -1273,7 +1409,7 @@ def train_one_epoch(trainer, stop, progress):
         t.sums["count"] += len(idx)
         t.step_in_epoch = step + 1
         if t.step_in_epoch % t.read_every == 0 or t.step_in_epoch == t.steps_per_epoch:
-            loss_sum = t.poll(stop)  # on a GPU: waits for the queued steps, so it is timed too
+            loss_sum = t.poll(signals)  # on a GPU: waits for the queued steps, so it is timed too
             progress.set_postfix(loss=f"{loss_sum / t.sums['count']:.3f}", refresh=False)
         t.sums["seconds"] += time.perf_counter() - started
         progress.update(1)
@@ -1282,7 +1418,7 @@ def train_one_epoch(trainer, stop, progress):
 
 
 @torch.no_grad()
-def evaluate(model, logits, inputs, labels, model_input, device, precision):
+def evaluate(model, logits, inputs, labels, model_input, device, precision, classes):
     """Accuracy, mean loss and confusion matrix of logits(model, model_input(inputs[i:j])),
     sharded across ranks and summed exactly.
 
@@ -1291,7 +1427,7 @@ def evaluate(model, logits, inputs, labels, model_input, device, precision):
     """
     model.eval()
     start, end = shard(len(labels), *rank_and_world_size())
-    n_classes = len(CLASSES)
+    n_classes = len(classes)
     sums = torch.zeros(n_classes * n_classes + 1, device=device)  # confusion, then loss sum
     for i in range(start, end, EVAL_BATCH_SIZE):
         batch_labels = labels[i:min(i + EVAL_BATCH_SIZE, end)]
@@ -1306,38 +1442,44 @@ def evaluate(model, logits, inputs, labels, model_input, device, precision):
     confusion = [[round(c) for c in sums[r * n_classes:(r + 1) * n_classes]] for r in range(n_classes)]
     total = sum(map(sum, confusion))
     return {
+        "classes": list(classes),
         "test_accuracy": sum(confusion[c][c] for c in range(n_classes)) / max(total, 1),
         "test_loss": sums[-1] / max(total, 1),
         "per_class_accuracy": {name: confusion[c][c] / max(sum(confusion[c]), 1)
-                               for c, name in enumerate(CLASSES)},
+                               for c, name in enumerate(classes)},
         "confusion_matrix": confusion,
     }
 
 
-def fit(trainer, stop):
+def fit(trainer, signals):
     """The epoch loop: train, evaluate, log, checkpoint; stops cleanly on a signal."""
     args, source = trainer.args, trainer.source
     last_epoch = args.stop_after or args.epochs
-    test_inputs, test_labels = source.test_inputs, trainer.test_labels
+    # With a val/ split the epochs are scored on it, and the test split only once, at the end
+    scored = "val" if trainer.val_labels is not None else "test"
+    test_inputs = source.val_inputs if scored == "val" else source.test_inputs
+    test_labels = trainer.val_labels if scored == "val" else trainer.test_labels
     if 0 < args.eval_images < len(test_labels):  # the same images after every epoch
-        keep = torch.tensor(subset_indices(len(test_labels), args.eval_images, "test"),
-                            device=test_labels.device)
-        test_inputs, test_labels = test_inputs[keep], test_labels[keep]
+        keep = subset_indices(len(test_labels), args.eval_images, "test")
+        test_inputs = test_inputs[torch.tensor(keep, device=test_inputs.device)]
+        test_labels = test_labels[torch.tensor(keep, device=test_labels.device)]
     while trainer.epoch < last_epoch:
         wall_start = time.perf_counter()
         trainer.start_epoch()
         with progress_bar(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
                           desc=f"epoch {trainer.epoch + 1}/{args.epochs}", unit="step") as progress:
-            stats = train_one_epoch(trainer, stop, progress)
+            with signals.deferred():  # a signal stops the epoch between two steps
+                stats = train_one_epoch(trainer, signals, progress)
         trainer.sync_ranks()  # every rank then evaluates the model that is saved
         result = evaluate(source.eval_module, trainer.recipe.logits, test_inputs, test_labels,
-                          source.test_input, trainer.device, trainer.precision)
-        record = trainer.end_epoch(stats, result["test_accuracy"], len(test_labels),
+                          source.test_input, trainer.device, trainer.precision, trainer.classes)
+        record = trainer.end_epoch(stats, result["test_accuracy"], len(test_labels), scored,
                                    time.perf_counter() - wall_start)
         log(epoch_line(record, args.epochs))
         trainer.save()
         if is_main_process() and not args.no_plots:
-            save_pictures(trainer.out, trainer.history, result["confusion_matrix"])
+            save_pictures(trainer.out, trainer.history, result["confusion_matrix"],
+                          classes=trainer.classes)
 
 
 def finish(trainer, started):
@@ -1349,7 +1491,7 @@ def finish(trainer, started):
     trainer.sync_ranks()
     result = evaluate(source.eval_module, functools.partial(trainer.recipe.logits, final=True),
                       source.test_inputs, trainer.test_labels, source.test_input,
-                      trainer.device, trainer.precision)
+                      trainer.device, trainer.precision, trainer.classes)
     metrics = {
         **result, "epochs": trainer.history, "train_seconds": trainer.train_seconds,
         "images_per_second": trainer.images_seen / max(trainer.train_seconds, 1e-9),
@@ -1362,7 +1504,7 @@ def finish(trainer, started):
         save_json(metrics, trainer.out / "metrics.json")
         if not trainer.args.no_plots:
             save_pictures(trainer.out, trainer.history, result["confusion_matrix"],
-                          result["test_accuracy"])
+                          result["test_accuracy"], trainer.classes)
     log(f"test accuracy {100 * result['test_accuracy']:.2f}% after {trainer.epoch} epochs, "
         f"{trainer.train_seconds:.1f} s of training steps, {metrics['total_seconds']:.1f} s in "
         f"all; results in {trainer.out}")
@@ -1396,9 +1538,10 @@ def run(parser, argv, recipe_class):
     precision = Precision(device, not args.no_amp)  # probes this rank's own device
     try:
         torch.manual_seed(args.seed)
-        if args.eval_only or args.predict or args.export:
-            return run_from_checkpoint(args, recipe, device, precision, started)
-        return train(args, checkpoint, recipe, device, precision, started)
+        with Signals() as signals:
+            if args.eval_only or args.predict or args.export:
+                return run_from_checkpoint(args, recipe, device, precision, started)
+            return train(args, checkpoint, recipe, device, precision, started, signals)
     finally:
         if dist.is_initialized():
             # The ranks meet first, so that none closes its connections while another still
@@ -1409,14 +1552,18 @@ def run(parser, argv, recipe_class):
             dist.destroy_process_group()  # its threads end with its last reference: see fail_cleanly
 
 
-def train(args, checkpoint, recipe, device, precision, started):
+def train(args, checkpoint, recipe, device, precision, started, signals):
     out = prepare_out_dir(args, recipe.name)
-    data = load_cifar10(args.data_dir, args.subset, DiskCache(args.cache))
-    log(f"{recipe.name}: {len(data['train_labels'])} training and {len(data['test_labels'])} "
-        f"test images from {args.data_dir}; {device}, {precision.name}"
-        + (f", {dist.get_world_size()} processes" if dist.is_initialized() else ""))
-    # Moved once: the model's initialisation and the input source share the device copies.
-    data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
+    recipe.prepare()  # e.g. the starting weights: a missing file is found before any decoding
+    data = load_dataset(args.data_dir, recipe.input_size, args.subset, DiskCache(args.cache))
+    if checkpoint is not None:
+        check_same_classes(checkpoint, data["classes"], args.resume)
+    recipe.classes = data["classes"]
+    splits = [f"{len(data[f'{s}_labels'])} {s}" for s in SPLITS if f"{s}_labels" in data]
+    log(f"{recipe.name}: {', '.join(splits)} images of {len(data['classes'])} classes at "
+        f"{data['image_size']}x{data['image_size']} from {args.data_dir}; {device}, "
+        f"{precision.name}" + (f", {dist.get_world_size()} processes" if dist.is_initialized() else ""))
+    data = place_data(data, device)  # the model's initialisation and the source share the copies
     model = recipe.build_model(data["train_images"]).to(device, memory_format=torch.channels_last)
     source = make_input_source(args, recipe, model, data, device, precision)
     trainer = Trainer(args, recipe, model, source, data, device, precision, out)
@@ -1425,41 +1572,70 @@ def train(args, checkpoint, recipe, device, precision, started):
         log(f"resumed {args.resume} at epoch {trainer.epoch}, step {trainer.step_in_epoch}")
     trainer.wrap()
     resume_line = f"Continue with: python {recipe.script} --resume {out / 'checkpoint.pt'}"
-    with StopFlag() as stop:
-        try:
-            source.setup(lambda: trainer.poll(stop))
-            fit(trainer, stop)
-        except Interrupted as interrupted:
-            trainer.save()
-            log(f"interrupted by {interrupted}; saved {out / 'checkpoint.pt'}. {resume_line}")
-            return 128 + interrupted.signum
-    if trainer.epoch < args.epochs:
-        log(f"stopped after epoch {trainer.epoch} of {args.epochs} as asked. {resume_line}")
+    try:
+        with signals.deferred():  # the feature pass stops between batches, on every rank
+            source.setup(lambda: trainer.poll(signals))
+        fit(trainer, signals)
+        if trainer.epoch < args.epochs:
+            log(f"stopped after epoch {trainer.epoch} of {args.epochs} as asked. {resume_line}")
+            return 0
+        finish(trainer, started)
         return 0
-    finish(trainer, started)
-    return 0
+    except Interrupted as interrupted:  # a second signal here ends the process unsaved
+        trainer.save()
+        log(f"interrupted by {interrupted}; saved {out / 'checkpoint.pt'}. {resume_line}")
+        return 128 + interrupted.signum
+
+
+def place_data(data, device):
+    """Labels on the device; images too where they fit, else in host memory (see DeviceBatches)."""
+    needed = sum(v.numel() for k, v in data.items() if k.endswith("_images"))
+    on_device = images_fit_on(device, needed)
+    if not on_device:
+        log(f"the decoded images ({needed / 2**30:.1f} GiB) stay in host memory; each batch is "
+            f"copied to {device}")
+    return {k: v.to(device) if torch.is_tensor(v) and (on_device or not k.endswith("_images"))
+            else v for k, v in data.items()}
+
+
+def images_fit_on(device, nbytes):
+    """Whether a GPU's free memory holds the images with room to train; a CPU's (and Apple
+    MPS's, which shares it) is the host memory that check_memory checked."""
+    if device.type != "cuda":
+        return True
+    return nbytes <= DEVICE_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]
+
+
+def check_same_classes(checkpoint, classes, path):
+    trained = checkpoint.get("classes", list(CLASSES))
+    if list(trained) != list(classes):
+        raise UserError(f"{path} was trained on the classes {', '.join(trained)}; the data has "
+                        f"{', '.join(classes)}")
 
 
 def run_from_checkpoint(args, recipe, device, precision, started):
     """--eval-only, --predict and --export: rebuild the model with the checkpoint's own
-    architecture."""
+    architecture and classes."""
     checkpoint = load_checkpoint(args.checkpoint, recipe.name)
     for key in recipe.architecture_flags:
         if key in checkpoint["args"]:
             setattr(args, key, checkpoint["args"][key])
+    recipe.classes = checkpoint.get("classes", list(CLASSES))
+    image_size = checkpoint.get("image_size", 32)  # the side its training images were kept at
     model = recipe.build_model(None).to(device, memory_format=torch.channels_last)
     load_model_state(model, checkpoint["model"], args.checkpoint)
     if args.predict:
-        predict_files(recipe, model, args.predict, device, precision)
+        predict_files(recipe, model, args.predict, image_size, device, precision)
         return 0
     if args.export:
-        export(Deployable(recipe, model.cpu().float()), Path(args.export))
+        export(Deployable(recipe, model.cpu().float()), Path(args.export), image_size, recipe.classes)
         return 0
     out = prepare_out_dir(args, recipe.name)
-    data = load_cifar10(args.data_dir, args.subset, DiskCache(args.cache))
+    data = load_dataset(args.data_dir, image_size, args.subset, DiskCache(args.cache))
+    check_same_classes(checkpoint, data["classes"], args.checkpoint)
     test_images, test_labels = data["test_images"].to(device), data["test_labels"].to(device)
     result = evaluate(model, functools.partial(recipe.logits, final=True), test_images,
-                      test_labels, recipe.model_input, device, precision)
+                      test_labels, recipe.model_input, device, precision, recipe.classes)
     metrics = {**result, "checkpoint": str(args.checkpoint), "epochs": checkpoint["history"],
                "device": str(device), "precision": precision.name,
                "total_seconds": time.perf_counter() - started, "args": plain_args(args)}
@@ -1467,33 +1643,29 @@ def run_from_checkpoint(args, recipe, device, precision, started):
         out.mkdir(parents=True, exist_ok=True)
         save_json(metrics, out / "metrics.json")
         if not args.no_plots:
-            save_pictures(out, confusion=result["confusion_matrix"])
+            save_pictures(out, confusion=result["confusion_matrix"], classes=recipe.classes)
     log(f"test accuracy {100 * result['test_accuracy']:.2f}% on {len(test_labels)} test images "
         f"({args.checkpoint}); metrics in {out / 'metrics.json'}")
     return 0
 
 
-def predict_files(recipe, model, paths, device, precision):
-    """Print each image's three most likely classes."""
-    images = []
-    for path in paths:
-        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
-        if image.shape[-2:] != (32, 32):  # photos of any size: shrink to CIFAR's 32x32
-            image = F.interpolate(image, size=(32, 32), mode="bilinear", antialias=True)
-        images.append(image.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0))
-    batch = torch.stack(images).to(device)
+def predict_files(recipe, model, paths, image_size, device, precision):
+    """Print each image's three most likely classes; each image is prepared as the
+    training images were (shorter side resized to their size, the centre kept)."""
+    batch = torch.stack([torch.from_numpy(decode_image(path, image_size)) for path in paths])
     model.eval()
     with torch.no_grad(), precision.autocast():
-        logits = recipe.logits(model, recipe.model_input(batch), final=True)
+        logits = recipe.logits(model, recipe.model_input(batch.to(device)), final=True)
     for path, p in zip(paths, logits.float().softmax(1).cpu()):
-        top = p.topk(3)
-        ranked = ", ".join(f"{CLASSES[i]} {100 * v:.1f}%" for v, i in zip(top.values, top.indices))
+        top = p.topk(min(3, len(p)))
+        ranked = ", ".join(f"{recipe.classes[i]} {100 * v:.1f}%" for v, i in zip(top.values, top.indices))
         print(f"{path}: {ranked}")
 
 
 class Deployable(nn.Module):
-    """uint8 RGB images (N, 32, 32, 3) -> (N, 10) logits, as --predict computes them:
-    normalisation, any resize and the recipe's test-time augmentation included."""
+    """uint8 RGB images (N, S, S, 3) at the trained size S -> (N, classes) logits, as
+    --predict computes them: normalisation, any resize and the recipe's test-time
+    augmentation included."""
 
     def __init__(self, recipe, model):
         super().__init__()
@@ -1504,10 +1676,11 @@ class Deployable(nn.Module):
         return self.recipe.logits(self.model, self.recipe.model_input(images), final=True)
 
 
-def export(module, path):
-    """Write module to FILE.onnx (ONNX, torch.onnx's dynamo exporter) or FILE.pt2
-    (torch.export), with the batch size left free."""
-    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+def export(module, path, image_size, classes):
+    """Write module to FILE.onnx (ONNX, torch.onnx's dynamo exporter, the class names in its
+    metadata) or FILE.pt2 (torch.export, the class names in FILE.classes.json beside it),
+    with the batch size left free."""
+    example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
     batch = {0: torch.export.Dim("batch", min=1, max=65536)}
     if path.suffix == ".onnx":
         try:
@@ -1520,20 +1693,23 @@ def export(module, path):
         raise UserError(f"--export {path} is a directory, not a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_export(module, path, example, batch)
+        write_export(module, path, example, batch, list(classes))
     except OSError as error:
         raise UserError(f"--export {path}: cannot write there ({error.strerror})") from None
-    log(f"exported to {path}: uint8 images (N, 32, 32, 3) -> (N, {len(CLASSES)}) logits")
+    log(f"exported to {path}: uint8 images (N, {image_size}, {image_size}, 3) -> "
+        f"(N, {len(classes)}) logits for {', '.join(classes)}")
 
 
-def write_export(module, path, example, batch):
+def write_export(module, path, example, batch, classes):
     with torch.no_grad():
         if path.suffix == ".onnx":
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
                                         output_names=["logits"], dynamic_shapes=(batch,))
+            program.model.metadata_props["classes"] = json.dumps(classes)
             save_atomically(program, path, lambda p, tmp: p.save(str(tmp)))
         else:
             program = torch.export.export(module, (example,), dynamic_shapes=(batch,))
             with warnings.catch_warnings():  # torch's own notice about CPU weights: ours are
                 warnings.filterwarnings("ignore", "No complete tensor found")
                 save_atomically(program, path, lambda p, tmp: torch.export.save(p, str(tmp)))
+            save_json(classes, path.with_suffix(".classes.json"))

@@ -88,8 +88,8 @@ def imagenet_state_dict():
             f"or --weights none") from None
 
 
-def load_backbone_weights(model, source):
-    """Load a torchvision-format ResNet-18 state dict, all but its classification head."""
+def read_backbone_weights(source):
+    """A torchvision-format ResNet-18 state dict, all but its classification head."""
     if source == "imagenet":
         state = imagenet_state_dict()
     else:
@@ -100,6 +100,13 @@ def load_backbone_weights(model, source):
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
             raise common.UserError(f"{source} is not a state dict (a dict of tensors)")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    with torch.random.fork_rng(devices=[]):  # checked now, drawing none of the run's random numbers
+        load_backbone_weights(torchvision.models.resnet18(weights=None), state, source)
+    return state
+
+
+def load_backbone_weights(model, state, source):
+    """Load state into model's backbone; a state dict of another model is one clear error."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:
@@ -154,6 +161,15 @@ class ResNetRecipe(common.Recipe):
             raise common.UserError(f"--freeze trains only the head; it cannot be combined with "
                                    f"--train-layers {args.train_layers}")
 
+    def prepare(self):
+        self.backbone_weights = None
+        if self.args.weights != "none":
+            self.backbone_weights = read_backbone_weights(self.args.weights)
+        if self.train_layers == 0 and self.args.translate:
+            common.log(f"note: the frozen backbone's features are computed once, of each "
+                       f"training image and its mirror image: --translate {self.args.translate} "
+                       f"does not apply")
+
     @property
     def input_size(self):
         return self.args.image_size
@@ -167,9 +183,9 @@ class ResNetRecipe(common.Recipe):
 
     def build_model(self, train_images=None):
         model = torchvision.models.resnet18(weights=None)
-        if train_images is not None and self.args.weights != "none":
-            load_backbone_weights(model, self.args.weights)
-        model.fc = nn.Linear(model.fc.in_features, len(common.CLASSES))
+        if train_images is not None and self.backbone_weights is not None:
+            load_backbone_weights(model, self.backbone_weights, self.args.weights)
+        model.fc = nn.Linear(model.fc.in_features, len(self.classes))
         for module in frozen_modules(model, self.train_layers):
             module.requires_grad_(False)
         return model
@@ -190,7 +206,7 @@ class ResNetRecipe(common.Recipe):
             optimizer, lambda step: warmup_cosine(step, total_steps))
         return optimizer, scheduler
 
-    def frozen_parts(self, model):
+    def frozen_backbone_and_head(self, model):
         # --freeze: the backbone never changes, so its features are computed once
         if self.train_layers == 0:
             return functools.partial(backbone_features, model), model.fc

@@ -111,12 +111,12 @@ def batch_norm(channels):
 
 
 class SimpleCNN(nn.Module):
-    def __init__(self, widths=(64, 256, 256)):
+    def __init__(self, widths=(64, 256, 256), classes=10):
         super().__init__()
         self.whiten = nn.Conv2d(3, 24, kernel_size=2, bias=True)  # 2x2x3 patches, 12 x 2 signs
         self.blocks = nn.Sequential(
             ConvBlock(24, widths[0]), ConvBlock(widths[0], widths[1]), ConvBlock(widths[1], widths[2]))
-        self.head = nn.Linear(widths[2], 10, bias=False)
+        self.head = nn.Linear(widths[2], classes, bias=False)
 
     def forward(self, x):
         x = self.blocks(F.gelu(self.whiten(x)))        # 31 -> 15 -> 7 -> 3 pixels
@@ -272,7 +272,7 @@ class CNNRecipe(common.Recipe):
                                    f"integers such as {WIDTHS}")
 
     def build_model(self, train_images=None):
-        model = SimpleCNN(tuple(int(w) for w in self.args.widths.split(",")))
+        model = SimpleCNN(tuple(int(w) for w in self.args.widths.split(",")), len(self.classes))
         if not self.args.no_dirac:
             init_dirac(model)
         if train_images is not None and not self.args.no_whiten:

@@ -124,7 +124,7 @@ def test_compiled_feature_pass_matches_the_eager_one(resnet, image_folders, weig
     recipe = resnet.ResNetRecipe(resnet.build_parser().parse_args(["--image-size", "32"]))
     model = torchvision.models.resnet18(weights=None)
     model.load_state_dict(torch.load(weights_file, weights_only=True))
-    images = common.load_cifar10(image_folders)["test_images"]
+    images = common.load_dataset(image_folders)["test_images"]
     with torch.no_grad():
         eager = resnet.backbone_features(model.eval(), recipe.model_input(images))
     assert torch.allclose(test, eager, atol=1e-4)

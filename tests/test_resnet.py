@@ -35,7 +35,7 @@ def test_head_on_cached_features_equals_full_model(resnet, image_folders):
     args = resnet.build_parser().parse_args(["--weights", "none", "--image-size", "64"])
     recipe = resnet.ResNetRecipe(args)
     model = recipe.build_model(None).eval()
-    images = common.load_cifar10(image_folders)["test_images"][:8]
+    images = common.load_dataset(image_folders)["test_images"][:8]
     with torch.no_grad():
         inputs = recipe.model_input(images)
         assert torch.allclose(model.fc(resnet.backbone_features(model, inputs)), model(inputs),

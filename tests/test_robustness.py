@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,16 +152,27 @@ def make_bad_folders(tmp_path, change):
     return root
 
 
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
 BAD_DATA = {
-    "missing class": (lambda r: [p.unlink() for p in (r / "train" / "cat").iterdir()]
-                      and (r / "train" / "cat").rmdir(), "missing: cat"),
-    "extra class": (lambda r: (r / "test" / "unicorn").mkdir(), "unexpected: unicorn"),
-    "no test split": (lambda r: __import__("shutil").rmtree(r / "test"), "has no test/ folder"),
+    "class missing from train": (lambda r: shutil.rmtree(r / "train" / "cat"),
+                                 "class folder 'cat' is in test/ but not in train/"),
+    "class in one split only": (lambda r: (r / "test" / "unicorn").mkdir(),
+                                "class folder 'unicorn' is in test/ but not in train/"),
+    "no test split": (lambda r: shutil.rmtree(r / "test"), "has no test/ folder"),
     "not an image": (lambda r: (r / "train" / "dog" / "notes.txt").write_text("hi"),
                      "notes.txt is not a readable image"),
-    "wrong size": (lambda r: Image.new("RGB", (64, 48)).save(r / "test" / "frog" / "big.png"),
-                   "big.png is 64x48 pixels"),
-    "empty split": (lambda r: [p.unlink() for p in (r / "train").glob("*/*")], "no images"),
+    "truncated image": (lambda r: truncate(next((r / "test" / "frog").iterdir())),
+                        "test/frog/00006.png is not a readable image"),
+    "empty class folder": (lambda r: [p.unlink() for p in (r / "train" / "dog").iterdir()],
+                           "train/dog is empty"),
+    "single class": (lambda r: [shutil.rmtree(p) for split in ("train", "test")
+                                for p in (r / split).iterdir() if p.name != "cat"],
+                     "holds 1 class folder: a classifier needs two or more"),
+    "stray file": (lambda r: (r / "train" / "photo.png").write_bytes(b""),
+                   "holds a file, photo.png, beside its class folders"),
 }
 
 

@@ -36,7 +36,7 @@ CASES = {
 NEWER_FLAGS = {"--no-plots"}
 # Today's flags for the reference's CNN recipe (SGD, warm-up), which is no longer the default
 REFERENCE_RECIPE = {"cnn": ["--no-muon", "--warmup", "0.23"], "resnet": []}
-NEWER_KEYS = {"test_images"}  # added to each epoch's record since
+NEWER_KEYS = {"test_images", "scored_on", "classes"}  # added to the metrics since
 TIMINGS = {"seconds", "epoch_seconds", "images_per_second", "train_seconds", "total_seconds",
            "feature_seconds"}
 
@@ -80,7 +80,7 @@ def outcome(out):
     metrics.pop("args")  # flags may be added or grouped; the model and numbers may not change
     metrics["epochs"] = [{k: v for k, v in e.items() if k not in TIMINGS | NEWER_KEYS}
                          for e in metrics["epochs"]]
-    return checkpoint["model"], {k: v for k, v in metrics.items() if k not in TIMINGS}
+    return checkpoint["model"], {k: v for k, v in metrics.items() if k not in TIMINGS | NEWER_KEYS}
 
 
 def train(main, data_dir, out, flags, resume):

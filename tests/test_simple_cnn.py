@@ -95,7 +95,7 @@ def test_augmentation_translates_with_reflection_and_flips():
 
 
 def test_whitening_layer_decorrelates_patches(cnn, image_folders):
-    data = common.load_cifar10(image_folders)
+    data = common.load_dataset(image_folders)
     recipe = cnn.CNNRecipe(cnn.build_parser().parse_args([]))
     images = recipe.model_input(data["train_images"])
     conv = torch.nn.Conv2d(3, 24, 2)

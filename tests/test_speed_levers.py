@@ -114,18 +114,19 @@ def test_the_test_subset_changes_no_weight(cnn, image_folders, tmp_path):
 def test_decoded_images_are_read_back_until_a_file_changes(image_folders, tmp_path, monkeypatch):
     folders = shutil.copytree(image_folders, tmp_path / "data")
     cache = common.DiskCache(str(tmp_path / "cache"))
-    decoded = common.load_cifar10(folders, cache=cache)
+    decoded = common.load_dataset(folders, cache=cache)
     assert len(list((tmp_path / "cache").glob("decoded-images-*"))) == 1
-    decode = common._read_32x32_image
-    monkeypatch.setattr(common, "_read_32x32_image", lambda path: pytest.fail("decoded again"))
-    again = common.load_cifar10(folders, cache=cache)
+    decode = common.decode_image
+    monkeypatch.setattr(common, "decode_image", lambda path, size: pytest.fail("decoded again"))
+    again = common.load_dataset(folders, cache=cache)
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(decoded[key], again[key])
     changed = folders / "test" / "cat" / sorted(os.listdir(folders / "test" / "cat"))[0]
     shutil.copy(folders / "test" / "dog" / sorted(os.listdir(folders / "test" / "dog"))[0], changed)
     calls = []
-    monkeypatch.setattr(common, "_read_32x32_image", lambda path: calls.append(path) or decode(path))
-    fresh = common.load_cifar10(folders, cache=cache)
+    monkeypatch.setattr(common, "decode_image",
+                        lambda path, size: calls.append(path) or decode(path, size))
+    fresh = common.load_dataset(folders, cache=cache)
     assert len(calls) == 160 and not torch.equal(fresh["test_images"], decoded["test_images"])
 
 
