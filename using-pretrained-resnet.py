@@ -40,7 +40,7 @@ EPOCHS = 5
 BATCH_SIZE = 128
 LR = 0.01              # the backbone's peak learning rate
 MOMENTUM = 0.9         # Nesterov momentum
-HEAD_LR_SCALE = 10     # the new, randomly initialised head learns 10x faster
+HEAD_LR_SCALE = 10     # the new, randomly initialised head learns 10x faster (not with --weights none)
 WEIGHT_DECAY = 5e-4    # on conv and linear weights only, never on BatchNorm or biases
 LABEL_SMOOTHING = 0.1  # weight moved from the true class to the others
 WARMUP = 0.1           # fraction of the steps spent warming up, then cosine decay to zero
@@ -192,7 +192,8 @@ class ResNetRecipe(common.Recipe):
 
     def build_optimizer(self, model, total_steps, precision):
         args = self.args
-        head_lr = args.lr * HEAD_LR_SCALE
+        # A new head on a trained body learns faster than the body; from scratch every layer is new
+        head_lr = args.lr * (HEAD_LR_SCALE if args.weights != "none" else 1)
         body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("fc.")]
         # Weight decay on weight matrices and filters only: biases and BatchNorm parameters
         # set offsets and scales, which decay would only pull towards zero.
