@@ -52,8 +52,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_FORMAT = 5  # bump when a checkpoint can no longer resume as it was trained (3: Muon and --warmup)
-RESUMABLE_FORMATS = (3, 4, 5)  # 4 and 5 marked new Muon lr defaults: a checkpoint's scheduler keeps its own
+CHECKPOINT_FORMAT = 6  # the file's layout: bump only when it changes (6: the recipe's constants kept)
 HOST_READ_EVERY = 25   # training steps between host reads of device values on a GPU or MPS
 EVAL_BATCH_SIZE = 500  # test images per evaluation batch
 EVAL_IMAGES = 2000     # test images scored after each epoch: a curve at a fraction of the cost
@@ -284,15 +283,23 @@ def resume_args(args, given, saved):
     return args
 
 
-def parse_args(parser, argv, recipe_name):
-    """Parse argv; with --resume, flags not given again are taken from the checkpoint."""
+def parse_args(parser, argv, recipe):
+    """Parse argv; with --resume, flags not given again are taken from the checkpoint, which
+    must have been trained with the recipe's constants as they are now."""
     args = parser.parse_args(argv)
     if not args.resume:
         return args, None
-    checkpoint = load_checkpoint(args.resume, recipe_name)
-    if checkpoint.get("format") not in RESUMABLE_FORMATS:
-        raise UserError(f"{args.resume} was written by an older version of this script; it can "
-                        f"still be used with --checkpoint, but not resumed")
+    checkpoint = load_checkpoint(args.resume, recipe.name)
+    if checkpoint.get("format", 0) < CHECKPOINT_FORMAT:
+        raise UserError(f"{args.resume} was written by an older version of this script, before "
+                        f"checkpoints kept their recipe's constants; it can still be used with "
+                        f"--checkpoint, but not resumed")
+    for name, value in recipe.constants().items():
+        if checkpoint["constants"].get(name) != value:
+            raise UserError(f"{args.resume} was trained with {name} = "
+                            f"{checkpoint['constants'].get(name)!r}, and {recipe.script} now has "
+                            f"{value!r}: resuming would mix two recipes; start a new run, or "
+                            f"use the checkpoint with --checkpoint")
     return resume_args(args, flags_given(parser, argv), checkpoint["args"]), checkpoint
 
 # -----------------------------------------------------------------------------
@@ -1099,6 +1106,7 @@ class Trainer:
         sums = self.sums
         return {
             "format": CHECKPOINT_FORMAT, "script": self.recipe.name,
+            "constants": self.recipe.constants(),
             "model": self.model.state_dict(), "args": plain_args(self.args),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
@@ -1331,13 +1339,19 @@ class Recipe:
     name = "model"
     script = "train.py"
     architecture_flags = ()
-    constants = {}  # the recipe's numbers no flag sets: --resume refuses a checkpoint of others
+    constant_names = ()  # the script's numbers that no flag sets, saved in its checkpoints
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     input_size = 32
     classes = CLASSES  # the data's (or the checkpoint's) class names, set before build_model
 
     def __init__(self, args):
         self.args = args
+
+    def constants(self):
+        """The values of constant_names, as the script has them now: --resume refuses a
+        checkpoint trained with others."""
+        script = type(self).build_model.__globals__  # the namespace of the script's module
+        return {name: script[name] for name in self.constant_names}
 
     def check_args(self):
         """The script's own flag checks; raise UserError. They never change args."""
@@ -1529,7 +1543,7 @@ def epoch_line(record, epochs):
 def run(parser, argv, recipe_class):
     """Everything a script's main() does: returns the process exit status."""
     started = time.perf_counter()
-    args, checkpoint = parse_args(parser, argv, recipe_class.name)
+    args, checkpoint = parse_args(parser, argv, recipe_class(None))
     recipe = recipe_class(args)
     check_args(args)
     recipe.check_args()

@@ -150,6 +150,7 @@ class ResNetRecipe(common.Recipe):
     name = "resnet18"
     script = "using-pretrained-resnet.py"
     architecture_flags = ("image_size",)  # the input size the model was trained at
+    constant_names = ("HEAD_LR_SCALE", "WARMUP")
     mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD  # what the weights were trained with
 
     def check_args(self):

@@ -261,6 +261,9 @@ class CNNRecipe(common.Recipe):
     name = "simple-cnn"
     script = "using-simple-CNN.py"
     architecture_flags = ("widths",)
+    constant_names = ("BIAS_LR_SCALE", "TRIANGLE", "BN_MOMENTUM", "BN_EPS", "OUTPUT_DIVISOR",
+                      "WHITEN_IMAGES", "WHITEN_EPS", "WHITEN_BIAS_EPOCHS", "LOOKAHEAD_EVERY",
+                      "LOOKAHEAD_DECAY", "MUON_LR", "MUON_MOMENTUM", "NEWTON_SCHULZ_STEPS")
     mean, std = common.CIFAR10_MEAN, common.CIFAR10_STD
 
     def check_args(self):

@@ -274,21 +274,35 @@ def test_checkpoint_of_an_older_layout_evaluates_but_does_not_resume(cnn, image_
                      "--eval-only", "--out", str(tmp_path / "eval"), "--no-plots"]) == 0
 
 
-def test_resume_keeps_the_muon_lr_the_checkpoint_was_trained_with(cnn, image_folders, tmp_path,
-                                                                   monkeypatch):
-    """A checkpoint's scheduler holds its own learning rates, so a new default (checkpoint
-    formats 4 and 5 marked two) changes only new runs."""
+def test_resume_refuses_a_checkpoint_of_other_recipe_constants(cnn, image_folders, tmp_path,
+                                                                 monkeypatch, capsys):
     base = ["--data-dir", str(image_folders), *CNN_FAST, "--epochs", "2", "--subset", "64"]
-    with monkeypatch.context() as patch:
-        patch.setattr(cnn, "MUON_LR", 0.05)
-        assert cnn.main(base + ["--out", str(tmp_path / "straight")]) == 0
-        assert cnn.main(base + ["--out", str(tmp_path / "paused"), "--stop-after", "1"]) == 0
-    paused = state_of(tmp_path / "paused")
-    assert paused["scheduler"]["base_lrs"][-1] == 0.05 != cnn.MUON_LR
-    paused["format"] = 4
-    torch.save(paused, tmp_path / "paused" / "checkpoint.pt")
-    assert cnn.main(["--resume", str(tmp_path / "paused" / "checkpoint.pt")]) == 0
-    assert_same_run(tmp_path / "straight", tmp_path / "paused")
+    assert cnn.main(base + ["--out", str(tmp_path / "paused"), "--stop-after", "1"]) == 0
+    assert state_of(tmp_path / "paused")["constants"]["MUON_LR"] == cnn.MUON_LR
+    monkeypatch.setattr(cnn, "MUON_LR", cnn.MUON_LR + 0.01)
+    line = error_of(cnn.main, ["--resume", str(tmp_path / "paused" / "checkpoint.pt")], capsys)
+    assert f"trained with MUON_LR = {cnn.MUON_LR - 0.01!r}" in line and "--checkpoint" in line
+
+
+@pytest.mark.parametrize("fmt", [3, 4, 5])
+def test_checkpoints_of_formats_3_to_5_still_evaluate_and_predict(cnn, image_folders, trained,
+                                                                  tmp_path, capsys, fmt):
+    old = torch.load(trained / "checkpoint.pt", weights_only=True)
+    old["format"] = fmt  # as those versions wrote it: no constants, no image size
+    del old["constants"], old["image_size"]
+    torch.save(old, tmp_path / "old.pt")
+    assert "older version" in error_of(cnn.main, ["--resume", str(tmp_path / "old.pt")], capsys)
+    assert cnn.main(["--data-dir", str(image_folders), "--checkpoint", str(tmp_path / "old.pt"),
+                     "--eval-only", "--out", str(tmp_path / "eval"), "--no-plots"]) == 0
+    image = next((image_folders / "test" / "cat").iterdir())
+    assert cnn.main(["--checkpoint", str(tmp_path / "old.pt"), "--predict", str(image)]) == 0
+    assert capsys.readouterr().out.split(": ", 1)[1].split()[0] in common.CLASSES
+
+
+def test_resnet_checkpoints_keep_only_the_resnet_constants(resnet, image_folders, tmp_path):
+    assert resnet.main(["--data-dir", str(image_folders), "--out", str(tmp_path / "run"),
+                        *RESNET_FAST, "--epochs", "1", "--subset", "16"]) == 0
+    assert set(state_of(tmp_path / "run")["constants"]) == set(resnet.ResNetRecipe.constant_names)
 
 
 def test_out_of_a_finished_run_is_not_overwritten(cnn, image_folders, trained, capsys):
@@ -326,3 +340,54 @@ def test_help_lists_every_flag_with_its_default_in_groups(cnn, resnet):
             assert f"\n{group}\n" in text, group
         flags = vars(module.build_parser().parse_args([]))
         assert " ".join(text.split()).count("(default:") == len(flags)
+
+
+def kill_then(function, when=lambda *args, **kwargs: True):
+    """function, sending this process SIGINT first, the first time when(...) holds."""
+    sent = []
+
+    def wrapped(*args, **kwargs):
+        if not sent and when(*args, **kwargs):
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return function(*args, **kwargs)
+    return wrapped
+
+
+# Where a Ctrl-C can come, and whether there is training state to save by then
+PHASES = {
+    "decoding images": ("cnn", lambda cnn, resnet: (common, "decode_image"), False),
+    "building the model": ("cnn", lambda cnn, resnet: (cnn, "init_whitening"), False),
+    "computing features": ("resnet", lambda cnn, resnet: (common.CachedFeatures, "features"), True),
+    "an epoch's evaluation": ("cnn", lambda cnn, resnet: (common, "evaluate"), True),
+    "the final evaluation": ("cnn", lambda cnn, resnet: (cnn, "mirror_and_shift_logits"), True),
+    "drawing the pictures": ("cnn", lambda cnn, resnet: (common, "draw_curves"), True),
+    "writing metrics.json": ("cnn", lambda cnn, resnet: (common, "save_json"), True),
+}
+WHEN = {"the final evaluation": lambda model, x, level: level > 0}
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_ctrl_c_at_any_moment_is_one_line_and_loses_nothing(cnn, resnet, image_folders, tmp_path,
+                                                            monkeypatch, capsys, phase):
+    script, target, saves = PHASES[phase]
+    owner, name = target(cnn, resnet)
+    monkeypatch.setattr(owner, name, kill_then(getattr(owner, name),
+                                               WHEN.get(phase, lambda *a, **k: True)))
+    main, fast = (cnn.main, CNN_FAST) if script == "cnn" else (resnet.main, RESNET_FAST + ["--freeze"])
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(image_folders), "--out", str(out), *fast, "--epochs", "2",
+             "--subset", "32"]
+    if phase == "drawing the pictures":
+        flags.remove("--no-plots")
+    assert main(flags) == 130
+    printed = capsys.readouterr()
+    assert "interrupted by SIGINT" in printed.out and "Traceback" not in printed.err
+    assert not list(tmp_path.rglob(".*.tmp*"))  # nothing half-written
+    if not saves:
+        assert "nothing to save yet" in printed.out and not (out / "checkpoint.pt").exists()
+        return
+    assert f"--resume {out / 'checkpoint.pt'}" in printed.out
+    monkeypatch.undo()
+    assert main(["--resume", str(out / "checkpoint.pt")]) == 0  # and the run ends as planned
+    assert json.loads((out / "metrics.json").read_text())["epochs"][-1]["epoch"] == 2
