@@ -57,6 +57,8 @@ HOST_READ_EVERY = 25   # training steps between host reads of device values on a
 EVAL_BATCH_SIZE = 500  # test images per evaluation batch
 EVAL_IMAGES = 2000     # test images scored after each epoch: a curve at a fraction of the cost
 FEATURE_BATCH_SIZE = 250  # images per batch of a frozen backbone's feature pass
+PROBE_L2 = tuple(10.0 ** k for k in range(-6, 2))  # L2 strengths the frozen-backbone probe tries
+PROBE_ITERATIONS = 1000  # L-BFGS iterations at most per fit (converged fits stop sooner)
 DECODE_THREADS = 4     # threads decoding image files (PIL releases the GIL while it decodes)
 ORIENTATION = 0x0112   # the EXIF tag saying how a photo was rotated
 SPLITS = ("train", "val", "test")  # image-folder splits; val/ is optional
@@ -532,7 +534,6 @@ def _read_image_folders(root, size, subset, cache):
     """Decoding thousands of image files takes a while on every run, so the decoded tensors
     are cached, keyed by every file's name, size and modification time."""
     classes, files = _list_image_folders(root, subset)
-    size = stored_size(files["train"][0][0], size)
     stats = [(str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns)
              for paths, _ in files.values() for path in paths for stat in [path.stat()]]
     key = {"what": "decoded images", "folder": str(root.resolve()), "files": digest(stats),
@@ -541,14 +542,29 @@ def _read_image_folders(root, size, subset, cache):
     if data is not None:
         log(f"read the decoded images from {cache.path(key)}")
     else:
-        check_memory(sum(len(paths) for paths, _ in files.values()) * size * size * 3)
-        data = {}
-        for split, (paths, labels) in files.items():
-            data[f"{split}_images"] = decode_images(paths, size, f"decoding {split}/")
-            data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
+        # Small squares of one size (CIFAR-10's 32x32 for a 224-px ResNet) are kept as they
+        # are and resized batch by batch on the device (Recipe.model_input): nothing is
+        # enlarged in memory. Guessed from the first image, checked on every other one.
+        first = image_side(files["train"][0][0])
+        data = decode_folders(files, first, native=True) if first and first < size else None
+        data = data or decode_folders(files, size)
         if is_main_process():  # one writer under torchrun, as for the frozen features
             cache.save(key, data)
-    return {**data, "classes": classes, "image_size": size}
+    return {**data, "classes": classes, "image_size": data["train_images"].shape[1]}
+
+
+def decode_folders(files, size, native=False):
+    """Each split's images at size x size and labels; native: None unless every image is a
+    size x size square already."""
+    check_memory(sum(len(paths) for paths, _ in files.values()) * size * size * 3)
+    data = {}
+    for split, (paths, labels) in files.items():
+        images = decode_images(paths, size, f"decoding {split}/", native)
+        if images is None:
+            return None
+        data[f"{split}_images"] = images
+        data[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
+    return data
 
 
 def _list_image_folders(root, subset):
@@ -592,17 +608,15 @@ def _list_image_folders(root, subset):
     return classes, files
 
 
-def stored_size(first_image, size):
-    """The side images are kept at: the model's input size, or smaller when the images are
-    small squares already (CIFAR-10's 32x32 for a 224-px ResNet), which the model input
-    then resizes batch by batch on the device: nothing is enlarged in memory."""
+def image_side(path):
+    """The side of a square image (read from its header), else None."""
     from PIL import Image
     try:
-        with Image.open(first_image) as image:
+        with Image.open(path) as image:
             width, height = image.size
     except Exception:  # reported, with its name, when it is decoded
-        return size
-    return width if width == height and width < size else size
+        return None
+    return width if width == height else None
 
 
 def check_memory(needed):
@@ -627,25 +641,29 @@ def available_memory():
             return None
 
 
-def decode_images(paths, size, what):
+def decode_images(paths, size, what, native=False):
     """Decode image files into one (N, size, size, 3) uint8 tensor, in threads (PIL's
-    decoders release the GIL), with a progress bar when it takes more than a moment."""
+    decoders release the GIL), with a progress bar when it takes more than a moment;
+    native: None as soon as an image is not size x size already."""
     images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     pool = ThreadPoolExecutor(max_workers=DECODE_THREADS)
     try:
-        decoded = pool.map(functools.partial(decode_image, size=size), paths)
+        decoded = pool.map(functools.partial(decode_image, size=size, native=native), paths)
         for i, image in enumerate(progress_bar(iterable=decoded, total=len(paths), desc=what,
                                                unit="image", delay=1)):
+            if image is None:
+                return None
             images[i] = image
-    finally:  # an error or a signal: the images not started yet are not decoded
+    finally:  # an error, a signal or an early return: the images not started are not decoded
         pool.shutdown(wait=True, cancel_futures=True)
     return torch.from_numpy(images)
 
 
-def decode_image(path, size=None):
+def decode_image(path, size=None, native=False):
     """An image file as an HxWx3 uint8 RGB array: EXIF orientation applied, any mode made
     RGB; with size, its shorter side resized to size and the centre size x size kept (as
-    torchvision's evaluation transform does). Anything unreadable is one clear error."""
+    torchvision's evaluation transform does), or with native, None if it would need that.
+    Anything unreadable is one clear error."""
     from PIL import Image, ImageOps
     path = Path(path)
     if path.is_dir():
@@ -661,7 +679,11 @@ def decode_image(path, size=None):
                 image = ImageOps.exif_transpose(image)
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # PIL warns when a palette goes to RGB directly
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey
+                image = to_8_bit(image)
             image = image.convert("RGB")
+            if native and image.size != (size, size):
+                return None
             if size is not None and image.size != (size, size):
                 side = min(image.size)
                 left, top = (image.width - side) / 2, (image.height - side) / 2
@@ -671,6 +693,15 @@ def decode_image(path, size=None):
     except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
             SyntaxError, EOFError) as error:
         raise UserError(f"{path} is not a readable image ({type(error).__name__})") from None
+
+
+def to_8_bit(image):
+    """A 16-bit (or 32-bit integer) grey image scaled to 8 bits; a float one from 0..1.
+    (PIL's own conversion clips them at 255.)"""
+    from PIL import Image
+    pixels = np.asarray(image, dtype=np.float64)
+    top = 1.0 if image.mode == "F" else 255.0 if pixels.max(initial=0) <= 255 else 65535.0
+    return Image.fromarray(np.clip(pixels / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
 def subset_indices(count, n, split):
@@ -838,6 +869,8 @@ class DeviceBatches:
     copied over (pinned, so the copy overlaps the step), then augmented on the device.
     """
 
+    solves_head = False
+
     def __init__(self, recipe, model, data, device):
         self.recipe, self.train_images, self.device = recipe, data["train_images"], device
         self.train_module = self.eval_module = model
@@ -877,6 +910,8 @@ class CachedFeatures:
     only the head. The features are kept in the disk cache, so a later run with other
     head flags (--lr, --epochs, --seed, ...) reads them instead of running the backbone.
     """
+
+    solves_head = True  # the head is fitted by solve_head, not trained by epochs
 
     def __init__(self, recipe, model, data, device, precision, backbone, head, cache, compile=False):
         self.recipe, self.model, self.device = recipe, model, device
@@ -996,7 +1031,9 @@ class Trainer:
             raise UserError(f"each step would give a process {self.batch_size // self.world_size} "
                             f"image, too few for BatchNorm (it needs 2 or more): raise {short}")
         self.steps_per_epoch = n // self.batch_size  # the last partial batch is dropped
-        self.total_steps = self.steps_per_epoch * args.epochs
+        # A frozen backbone's head is solved in one pass (solve_head), other models train by epochs
+        self.epochs = 1 if source.solves_head else args.epochs
+        self.total_steps = self.steps_per_epoch * self.epochs
         self.train_labels, self.test_labels = data["train_labels"], data["test_labels"]
         self.val_labels = data.get("val_labels")
         self.classes, self.image_size = data["classes"], data["image_size"]
@@ -1091,7 +1128,8 @@ class Trainer:
                   "train_accuracy": stats["train_accuracy"], "test_accuracy": test_accuracy,
                   "test_images": test_images, "scored_on": scored,
                   "seconds": previous + wall_seconds, "epoch_seconds": wall_seconds,
-                  "images_per_second": stats["images"] / max(stats["seconds"], 1e-9)}
+                  "images_per_second": stats["images"] / max(stats["seconds"], 1e-9),
+                  **({"probe": stats["probe"]} if "probe" in stats else {})}
         self.history.append(record)
         self.reset_sums()
         return record
@@ -1384,8 +1422,12 @@ class Recipe:
         return F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
 
     def model_input(self, images_uint8):
-        """A uint8 NHWC batch on the device -> the model's float input."""
-        return to_float(images_uint8, self.mean, self.std)
+        """A uint8 NHWC batch on the device -> the model's float input at input_size."""
+        x = to_float(images_uint8, self.mean, self.std)
+        if x.shape[-1] != self.input_size:  # images kept smaller than the model's input
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def set_train_mode(self, model):
         model.train()
@@ -1394,6 +1436,70 @@ class Recipe:
         """The logits of model inputs; final: for the last evaluation of a run, --eval-only
         and --predict, where a recipe may add test-time augmentation."""
         return model(inputs)
+
+
+def solve_head(trainer):
+    """A frozen backbone's linear head, fitted as the published linear probes are: the
+    features standardised, an L2-regularised multinomial logistic regression solved to
+    convergence by full-batch L-BFGS for each strength in PROBE_L2, the strength that
+    scores best on a held-out tenth of the training images chosen, then refitted on all of
+    them. The standardisation is folded into the head, which stays a Linear on raw features.
+    With flips on, each image's mirrored features are training rows too. Returns the
+    statistics of the "epoch" that the solve stands for."""
+    started, source, args = time.perf_counter(), trainer.source, trainer.args
+    plain, labels, n = source.train_features, trainer.train_labels, len(trainer.train_labels)
+    flipped = args.flip != "none"
+    rows = lambda idx: torch.cat([idx, idx + n]) if flipped else idx  # noqa: E731 (an image's views)
+    features = torch.cat([plain, source.mirrored_features]) if flipped else plain
+    targets = labels.repeat(1 + flipped)  # the label of each row of features
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).to(labels.device)
+    held, kept = order[:max(1, n // 10)], order[max(1, n // 10):]
+    held_out, weight = {}, None
+    for l2 in sorted(PROBE_L2, reverse=True):  # strong to weak, each fit starting from the last
+        mean, std = standardisation(features[rows(kept)])
+        weight, bias, _ = fit_logistic((features[rows(kept)] - mean) / std, targets[rows(kept)],
+                                       len(trainer.classes), l2, weight)
+        predicted = (((plain[held] - mean) / std) @ weight.T + bias).argmax(1)
+        held_out[l2] = (predicted == labels[held]).float().mean().item()
+    best = max(held_out, key=lambda l2: (held_out[l2], l2))  # ties: the stronger strength
+    mean, std = standardisation(features)
+    weight, bias, loss = fit_logistic((features - mean) / std, targets, len(trainer.classes),
+                                      best, weight)
+    head = source.train_module
+    with torch.no_grad():  # w . (x - mean) / std + b  =  (w / std) . x + (b - (w / std) . mean)
+        head.weight.copy_(weight / std)
+        head.bias.copy_(bias - (weight / std) @ mean)
+        correct = (head(plain).argmax(1) == labels).sum().item()
+    return {"train_loss": loss, "train_accuracy": correct / n, "images": n,
+            "seconds": time.perf_counter() - started,
+            "probe": {"l2": best, "held_out_accuracy": {f"{l2:.0e}": a for l2, a in held_out.items()}}}
+
+
+def standardisation(features):
+    """Per-feature mean and std (a feature that never varies is left unscaled)."""
+    std = features.std(0)
+    return features.mean(0), torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+def fit_logistic(x, labels, n_classes, l2, start=None):
+    """(weight, bias, loss) minimising mean cross-entropy + l2 / 2 * |weight|^2 over rows x,
+    by full-batch L-BFGS with a strong Wolfe line search, to convergence."""
+    weight = torch.zeros(n_classes, x.shape[1], device=x.device) if start is None else start.clone()
+    weight.requires_grad_(True)
+    bias = torch.zeros(n_classes, device=x.device, requires_grad=True)
+    solver = torch.optim.LBFGS([weight, bias], lr=1, max_iter=PROBE_ITERATIONS, history_size=20,
+                               tolerance_grad=1e-7, tolerance_change=1e-12,
+                               line_search_fn="strong_wolfe")
+
+    def objective():
+        solver.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, labels) + 0.5 * l2 * weight.square().sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        solver.step(objective)
+        loss = objective().item()
+    return weight.detach(), bias.detach(), loss
 
 
 def train_one_epoch(trainer, signals, progress):
@@ -1468,7 +1574,7 @@ def evaluate(model, logits, inputs, labels, model_input, device, precision, clas
 def fit(trainer, signals):
     """The epoch loop: train, evaluate, log, checkpoint; stops cleanly on a signal."""
     args, source = trainer.args, trainer.source
-    last_epoch = args.stop_after or args.epochs
+    last_epoch = min(args.stop_after or trainer.epochs, trainer.epochs)
     # With a val/ split the epochs are scored on it, and the test split only once, at the end
     scored = "val" if trainer.val_labels is not None else "test"
     test_inputs = source.val_inputs if scored == "val" else source.test_inputs
@@ -1480,16 +1586,19 @@ def fit(trainer, signals):
     while trainer.epoch < last_epoch:
         wall_start = time.perf_counter()
         trainer.start_epoch()
-        with progress_bar(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
-                          desc=f"epoch {trainer.epoch + 1}/{args.epochs}", unit="step") as progress:
-            with signals.deferred():  # a signal stops the epoch between two steps
-                stats = train_one_epoch(trainer, signals, progress)
+        if source.solves_head:
+            stats = solve_head(trainer)
+        else:
+            with progress_bar(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
+                              desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", unit="step") as progress:
+                with signals.deferred():  # a signal stops the epoch between two steps
+                    stats = train_one_epoch(trainer, signals, progress)
         trainer.sync_ranks()  # every rank then evaluates the model that is saved
         result = evaluate(source.eval_module, trainer.recipe.logits, test_inputs, test_labels,
                           source.test_input, trainer.device, trainer.precision, trainer.classes)
         record = trainer.end_epoch(stats, result["test_accuracy"], len(test_labels), scored,
                                    time.perf_counter() - wall_start)
-        log(epoch_line(record, args.epochs))
+        log(epoch_line(record, trainer.epochs))
         trainer.save()
         if is_main_process() and not args.no_plots:
             save_pictures(trainer.out, trainer.history, result["confusion_matrix"],
@@ -1531,10 +1640,12 @@ def progress_bar(**kwargs):
 
 
 def epoch_line(record, epochs):
+    probe = f"  L2 {record['probe']['l2']:.0e} (of {len(PROBE_L2)})" if "probe" in record else ""
     return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
             f"train acc {100 * record['train_accuracy']:5.2f}%  "
-            f"test acc {100 * record['test_accuracy']:5.2f}% of {record['test_images']}  "
-            f"{record['epoch_seconds']:6.1f} s  {record['images_per_second']:6.0f} img/s")
+            f"{'val' if record['scored_on'] == 'val' else 'test'} acc "
+            f"{100 * record['test_accuracy']:5.2f}% of {record['test_images']}  "
+            f"{record['epoch_seconds']:6.1f} s  {record['images_per_second']:6.0f} img/s{probe}")
 
 # -----------------------------------------------------------------------------
 # Entry point shared by both scripts
@@ -1590,8 +1701,8 @@ def train(args, checkpoint, recipe, device, precision, started, signals):
         with signals.deferred():  # the feature pass stops between batches, on every rank
             source.setup(lambda: trainer.poll(signals))
         fit(trainer, signals)
-        if trainer.epoch < args.epochs:
-            log(f"stopped after epoch {trainer.epoch} of {args.epochs} as asked. {resume_line}")
+        if trainer.epoch < trainer.epochs:
+            log(f"stopped after epoch {trainer.epoch} of {trainer.epochs} as asked. {resume_line}")
             return 0
         finish(trainer, started)
         return 0

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,7 +60,10 @@ def build_parser():
              "cache), none for random initialisation, or a ResNet-18 state dict file "
              "(default: %(default)s)")
     add("--freeze", action="store_true",
-        help="train only the new head on a frozen backbone; its features are computed once "
+        help="only the new head learns, on a frozen backbone's features, computed once: a "
+             "linear probe, fitted to convergence by L-BFGS on standardised features with the "
+             "L2 strength chosen on a held-out tenth of the training images (--epochs, --lr, "
+             "--momentum, --weight-decay, --label-smoothing and --translate do not apply) "
              "(default: off)")
     add("--train-layers", type=int, choices=range(0, 5), default=None, metavar="K",
         help="train only the last K residual stages (0-4) and the head; frozen parts keep "
@@ -213,12 +215,6 @@ class ResNetRecipe(common.Recipe):
         if self.train_layers == 0:
             return functools.partial(backbone_features, model), model.fc
         return None
-
-    def model_input(self, images_uint8):
-        x = common.to_float(images_uint8, self.mean, self.std)
-        if self.input_size != x.shape[-1]:
-            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
-        return x.contiguous(memory_format=torch.channels_last)
 
     def set_train_mode(self, model):
         # A frozen module in train() mode would still update its BatchNorm running

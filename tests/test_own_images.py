@@ -126,6 +126,17 @@ def test_every_format_and_mode_decodes_to_rgb_at_the_stored_size(own_images):
             ("WEBP", "RGB"), ("BMP", "RGB")} <= seen
 
 
+def test_16_bit_grayscale_png_keeps_its_brightness(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16: scanners, microscopes, medical images) is grayscale
+    too: 40000 of 65535 is 61% grey, about 156 of 255, not white."""
+    Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode == "I;16"
+    decoded = common.decode_image(tmp_path / "deep.png", 32)
+    assert decoded.shape == (32, 32, 3)
+    assert abs(decoded.mean() - 40000 / 257) < 3, decoded.mean()
+
+
 def test_exif_orientation_is_applied_before_the_crop(own_images):
     path = own_images.joinpath(*EXIF_FILE)
     with Image.open(path) as image:
@@ -167,13 +178,24 @@ def test_load_dataset_of_own_images(own_images):
             assert labels.count(2) == n + (split == "train")
 
 
-def test_first_image_decides_the_stored_size(own_images, tmp_path):
-    first = files_of(own_images, "train")[0]
-    assert first.parent.name == "big cat" and Image.open(first).size == (40, 30)
-    assert common.stored_size(first, RESNET_SIZE) == RESNET_SIZE  # not square: the model's size
-    Image.new("RGB", (32, 32)).save(tmp_path / "square.png")
-    assert common.stored_size(tmp_path / "square.png", RESNET_SIZE) == 32  # small square: as is
-    assert common.stored_size(tmp_path / "square.png", 32) == 32
+def squares_folder(root, sides):
+    """Two classes, train and test, one image per side in sides (in file-name order)."""
+    for split in ("train", "test"):
+        for name in NAMES[:2]:
+            (root / split / name).mkdir(parents=True)
+            for i, side in enumerate(sides):
+                Image.new("RGB", side).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_small_squares_of_one_size_are_kept_and_anything_else_is_resized(own_images, tmp_path):
+    assert Image.open(files_of(own_images, "train")[0]).size == (40, 30)
+    assert common.load_dataset(own_images, RESNET_SIZE)["image_size"] == RESNET_SIZE
+    same = squares_folder(tmp_path / "same", [(20, 20)] * 3)
+    assert common.load_dataset(same, RESNET_SIZE)["image_size"] == 20  # enlarged on the device
+    mixed = squares_folder(tmp_path / "mixed", [(20, 20), (20, 20), (40, 30)])
+    data = common.load_dataset(mixed, RESNET_SIZE)  # the first image's guess does not hold
+    assert data["image_size"] == RESNET_SIZE and data["test_images"].shape[1:3] == (48, 48)
 
 
 def test_cifar_like_folders_still_give_cifar_classes(image_folders):
@@ -231,8 +253,8 @@ def test_cnn_trains_on_own_images(trained):
 def test_resnet_trains_on_own_images(resnet, trained, own_images, tmp_path, freeze):
     if freeze:
         flags = RESNET_FAST + ["--image-size", str(RESNET_SIZE), "--batch-size", "8", "--freeze"]
-        metrics, checkpoint = train(resnet, own_images, tmp_path / "frozen", flags, 2)
-        epochs = 2
+        epochs = 1  # (a frozen backbone's head may be solved in one pass whatever --epochs is)
+        metrics, checkpoint = train(resnet, own_images, tmp_path / "frozen", flags, epochs)
     else:
         run = trained["resnet"]
         metrics, checkpoint, epochs = run["metrics"], run["checkpoint"], run["epochs"]

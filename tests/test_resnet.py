@@ -28,7 +28,9 @@ def test_freeze_trains_only_the_head(resnet, image_folders, weights_file, tmp_pa
         assert torch.equal(trained[key], loaded[key]), key
     assert trained["fc.weight"].shape == (10, 512)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["feature_seconds"] > 0 and len(metrics["epochs"]) == 2
+    assert metrics["feature_seconds"] > 0 and len(metrics["epochs"]) == 1  # one solve
+    probe = metrics["epochs"][0]["probe"]
+    assert probe["l2"] in common.PROBE_L2 and len(probe["held_out_accuracy"]) == len(common.PROBE_L2)
 
 
 def test_head_on_cached_features_equals_full_model(resnet, image_folders):
@@ -137,3 +139,29 @@ def test_no_bias_or_batchnorm_parameter_is_weight_decayed(resnet, mode):
         if p.requires_grad:
             assert (decay[id(p)] > 0) == (p.ndim > 1), name
     assert decay[id(model.fc.bias)] == 0 and decay[id(model.fc.weight)] > 0
+
+
+def test_the_probe_reaches_the_optimum_of_a_known_problem():
+    """fit_logistic against the optimum of the same objective found by Newton's method in
+    float64 (exact up to rounding: the objective is strictly convex)."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 6)
+    labels = (x[:, :3] @ torch.randn(3, 3) + 0.8 * torch.randn(300, 3)).argmax(1)
+    l2 = 1e-2
+    weight, bias, loss = common.fit_logistic(x, labels, 3, l2)
+    xd = torch.cat([x.double(), torch.ones(300, 1, dtype=torch.float64)], 1)  # bias as a column
+    theta = torch.zeros(3 * 7, dtype=torch.float64)
+
+    def objective(theta):
+        w = theta.view(3, 7)
+        return (torch.nn.functional.cross_entropy(xd @ w.T, labels)
+                + 0.5 * l2 * w[:, :6].square().sum())
+    for _ in range(30):
+        gradient = torch.autograd.functional.jacobian(objective, theta)
+        theta = theta - torch.linalg.solve(torch.autograd.functional.hessian(objective, theta),
+                                           gradient)
+    optimum = objective(theta).item()
+    assert gradient.abs().max() < 1e-10
+    assert abs(loss - optimum) < 1e-4
+    assert abs(objective(torch.cat([weight, bias[:, None]], 1).double().reshape(-1)).item()
+               - optimum) < 1e-4
