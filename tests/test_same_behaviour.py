@@ -22,10 +22,12 @@ from conftest import CNN_FAST, RESNET_FAST
 from loading import ROOT
 import common
 
-# The commit each script's training is compared with (the ResNet's moved when full
+# The commit each way of training is compared with: the ResNet's moved when full
 # fine-tuning began to train the stem, the head's bias lost its weight decay and a head
-# trained from scratch its 10x learning rate).
-REFERENCE = {"cnn": "6773970", "resnet": "da253af"}
+# trained from scratch its 10x learning rate (da253af); --freeze's when its head became a
+# linear probe solved by L-BFGS (5f06bb7).
+REFERENCE = {"cnn": "6773970", "resnet-freeze": "5f06bb7", "resnet-train-layers": "da253af",
+             "resnet-full": "da253af"}
 SCRIPTS = {"cnn": "using-simple-CNN.py", "resnet": "using-pretrained-resnet.py"}
 CASES = {
     "cnn": ("cnn", CNN_FAST + ["--epochs", "3", "--subset", "48"]),
@@ -43,24 +45,26 @@ TIMINGS = {"seconds", "epoch_seconds", "images_per_second", "train_seconds", "to
 
 
 def load_reference(tmp_path_factory):
-    """Each script at its reference commit, bound to that commit's common.py."""
+    """Each case's script at its reference commit, bound to that commit's common.py."""
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: the reference commit cannot be read")
-    scripts, today = {}, sys.modules["common"]
-    for key, script in SCRIPTS.items():
-        folder = tmp_path_factory.mktemp(f"reference-{key}")
-        for name in ("common.py", script):
-            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{REFERENCE[key]}:{name}"],
-                                   capture_output=True, text=True)
-            if shown.returncode:  # e.g. a shallow clone without the reference commit
-                pytest.skip(f"the reference commit {REFERENCE[key]} is not in this clone")
-            (folder / name).write_text(shown.stdout)
-        try:
-            sys.modules["common"] = load(folder / "common.py", f"reference_common_{key}")
-            scripts[key] = load(folder / script, f"reference_{key}")
-        finally:
-            sys.modules["common"] = today  # the reference scripts keep their own common
-    return scripts
+    loaded, today = {}, sys.modules["common"]
+    for case, (key, _) in CASES.items():
+        commit, script = REFERENCE[case], SCRIPTS[key]
+        if (commit, key) not in loaded:
+            folder = tmp_path_factory.mktemp(f"reference-{key}-{commit}")
+            for name in ("common.py", script):
+                shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}"],
+                                       capture_output=True, text=True)
+                if shown.returncode:  # e.g. a shallow clone without the reference commit
+                    pytest.skip(f"the reference commit {commit} is not in this clone")
+                (folder / name).write_text(shown.stdout)
+            try:
+                sys.modules["common"] = load(folder / "common.py", f"reference_common_{key}_{commit}")
+                loaded[commit, key] = load(folder / script, f"reference_{key}_{commit}")
+            finally:
+                sys.modules["common"] = today  # the reference scripts keep their own common
+    return {case: loaded[REFERENCE[case], key] for case, (key, _) in CASES.items()}
 
 
 def load(path, name):
@@ -103,7 +107,7 @@ def test_trains_bit_identically_to_the_reference(request, reference, image_folde
     script, flags = CASES[case]
     today = request.getfixturevalue(script)
     runs = [outcome(train(main, image_folders, tmp_path / who, flags + extra, resume))
-            for who, main, extra in (("reference", reference[script].main, []),
+            for who, main, extra in (("reference", reference[case].main, []),
                                      ("today", today.main, REFERENCE_RECIPE[script]))]
     (old_model, old_metrics), (new_model, new_metrics) = runs
     assert old_model.keys() == new_model.keys()
