@@ -159,21 +159,24 @@ def positive_float(text):
     return value
 
 
-def make_parser(description, defaults):
+def make_parser(description, defaults, lr_help):
     """The flags both scripts share, in --help groups, with the script's defaults (a dict:
-    epochs, batch_size, lr, momentum, weight_decay, label_smoothing, translate, flip).
-    Returns (parser, recipe group): each script adds its own flags to the latter."""
+    epochs, batch_size, lr, momentum, weight_decay, label_smoothing, translate, flip) and
+    what its --lr sets. Returns (parser, recipe group): each script adds its own flags to
+    the latter."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data").add_argument
     data("--data-dir", default="./data", metavar="DIR",
-         help="CIFAR-10 location: torchvision's cifar-10-batches-py, or train/<class>/ and "
-              "test/<class>/ image folders; downloaded here if neither (default: %(default)s)")
+         help="the images: train/<class>/ and test/<class>/ folders (and optionally val/<class>/, "
+              "which then scores the epochs) of any classes, or CIFAR-10's "
+              "cifar-10-batches-py; CIFAR-10 is downloaded here if DIR holds neither "
+              "(default: %(default)s)")
     data("--subset", type=positive_int, default=None, metavar="N",
          help="use only N training and at most N test images, for quick runs (default: all)")
     data("--translate", type=int, default=defaults["translate"], metavar="PX",
-         help="random shift of each training image, in pixels, reflecting at the border "
-              "(default: %(default)s)")
+         help="random shift of each training image, reflecting at the border, in pixels of a "
+              "32x32 image (scaled for larger ones) (default: %(default)s)")
     data("--flip", choices=("alternate", "random", "none"), default=defaults["flip"],
          help="horizontal flips: each image every other epoch, coin flips, or none "
               "(default: %(default)s)")
@@ -189,7 +192,7 @@ def make_parser(description, defaults):
              help="images per optimizer step, summed over all processes under torchrun "
                   "(default: %(default)s)")
     schedule("--lr", type=positive_float, default=defaults["lr"],
-             help="peak learning rate (default: %(default)s)")
+             help=f"{lr_help} (default: %(default)s)")
     schedule("--momentum", type=float, default=defaults["momentum"],
              help="Nesterov momentum of SGD (default: %(default)s)")
     schedule("--weight-decay", type=float, default=defaults["weight_decay"],
@@ -232,13 +235,14 @@ def make_parser(description, defaults):
               help="with --checkpoint: evaluate on the test split, write metrics, no training "
                    "(default: off)")
     inference("--predict", nargs="+", default=None, metavar="IMAGE",
-              help="with --checkpoint: print each image's top classes with probabilities; any "
-                   "size is resized to 32x32 (default: none)")
+              help="with --checkpoint: print each image's top classes with probabilities; an "
+                   "image of any size is prepared as the training images were (default: none)")
     inference("--export", default=None, metavar="FILE.onnx|FILE.pt2",
               help="with --checkpoint: write the model for deployment, ONNX or torch.export by "
-                   "the suffix; it takes uint8 RGB images (N, 32, 32, 3) and returns (N, 10) "
-                   "logits, normalisation, resize and test-time augmentation included "
-                   "(default: none)")
+                   "the suffix, in float32; it takes uint8 RGB images (N, S, S, 3) at the size "
+                   "S its training images were kept at and returns one logit per class, "
+                   "normalisation, resize and test-time augmentation included; the class names "
+                   "go in its metadata (ONNX) or FILE.classes.json (default: none)")
     return parser, parser.add_argument_group("recipe")
 
 

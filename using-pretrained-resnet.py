@@ -1,22 +1,19 @@
-"""Fine-tune torchvision's ImageNet ResNet-18 on CIFAR-10.
+"""Fine-tune torchvision's ImageNet ResNet-18 on CIFAR-10 or on your own class folders.
 
-The 1000-class ImageNet head is replaced by a 10-class one. Three ways to train:
+The 1000-class ImageNet head is replaced by one output per class. Three ways to train:
   full fine-tuning (default)   every layer learns; the new head 10x faster than the rest
   --train-layers K             only the last K residual stages and the head learn
-  --freeze                     only the head learns, on features computed once
+  --freeze                     a linear probe: only the head, fitted to convergence on the
+                               frozen backbone's features, computed once
 
-The 32x32 images are resized on the device, in batches, to --image-size (224 by default,
-the size the weights were trained at; smaller is faster and less accurate).
-
-Accuracy with the ImageNet weights has not been measured for this project yet. Speed,
-measured on a 2-core AVX2 CPU in float32 with torch 2.14.1 (README.md has the commands
-and the runs): full fine-tuning trains 33.8 images/s at 128 px and 10.3 at 224 px
-(batch 32; medians of three); --freeze computes the features of 95,000 images in about
-4, 20 and 71 minutes at 64, 128 and 224 px, after which an epoch takes under a second.
+Images are kept at --image-size (224 by default, the size the weights were trained at;
+smaller is faster and less accurate); CIFAR-10's 32x32 images are kept as they are and
+enlarged on the device, batch by batch. Measured accuracy and speed: docs/RESULTS.md.
 
 Run:
-    python using-pretrained-resnet.py --freeze                 # head only, seconds per epoch
+    python using-pretrained-resnet.py --freeze                 # the linear probe
     python using-pretrained-resnet.py --epochs 5               # full fine-tuning
+    python using-pretrained-resnet.py --data-dir my-photos     # train/<class>/, test/<class>/
     python using-pretrained-resnet.py --weights resnet18.pth   # a local torchvision state dict
 """
 
@@ -53,7 +50,9 @@ DEFAULTS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, momentum=MOMENTUM,
 
 
 def build_parser():
-    parser, recipe = common.make_parser(__doc__, DEFAULTS)
+    parser, recipe = common.make_parser(__doc__, DEFAULTS, lr_help=(
+        f"peak learning rate of the backbone; the new head's is {HEAD_LR_SCALE}x it, the "
+        f"same with --weights none"))
     add = recipe.add_argument
     add("--weights", default="imagenet", metavar="imagenet|none|PATH",
         help="starting weights: torchvision's ImageNet ones (downloaded or in the torch hub "
@@ -69,7 +68,9 @@ def build_parser():
         help="train only the last K residual stages (0-4) and the head; frozen parts keep "
              "their BatchNorm statistics; 0 is --freeze (default: all layers)")
     add("--image-size", type=int, default=IMAGE_SIZE, metavar="PX",
-        help="side in pixels the 32x32 images are resized to, at least 32 (default: %(default)s)")
+        help="side in pixels of the model's input, at least 32: images are resized (shorter "
+             "side, then the centre) once when decoded, smaller squares such as CIFAR-10's "
+             "on the device (default: %(default)s)")
     return parser
 
 # -----------------------------------------------------------------------------

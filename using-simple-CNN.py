@@ -1,22 +1,19 @@
-"""Train a small CNN from scratch on CIFAR-10, with the tricks of the speed records.
+"""Train a small CNN from scratch on CIFAR-10 (or your own class folders, at 32x32), with
+the tricks of the speed records.
 
 The network is made of basic layers only (convolution, batch norm, GELU, max pooling,
 one linear layer). What makes it fast to train is the recipe, each step of which is a
 named, commented piece below and can be switched off by a flag to see what it buys:
 patch-whitening first layer, identity (dirac) initialisation, frozen BatchNorm scales
-with low momentum, label smoothing, Muon for the conv filters and Nesterov SGD for the
-rest with a linearly decaying learning rate, alternating flips and small translations,
-lookahead weight averaging, and test-time augmentation with flips and shifts.
-
-Measured (README.md has the tables): with the defaults (7 epochs), 93.48% mean over 3
-seeds on the dev split (45,000 training images, 5,000 held out from CIFAR-10's training
-set), 670 s (median) for the whole process on a 2-core AMD EPYC (Zen 4) with AVX-512
-BF16, torch 2.14.1: 0.72x the previous 10-epoch SGD recipe's 932 s, side by side there.
-    python using-simple-CNN.py --data-dir DEV_SPLIT
+with fast running statistics, label smoothing, Muon for the conv filters and Nesterov SGD
+for the rest with a linearly decaying learning rate, alternating flips and small
+translations, lookahead weight averaging, and test-time augmentation with flips and shifts.
+Measured accuracy and time: docs/RESULTS.md.
 
 Run:
     python using-simple-CNN.py                                # 7 epochs on ./data
     python using-simple-CNN.py --data-dir path/to/cifar10-png --epochs 2
+    python using-simple-CNN.py --data-dir my-photos           # train/<class>/, test/<class>/
     python using-simple-CNN.py --checkpoint runs/X/checkpoint.pt --predict cat.png
 """
 
@@ -64,7 +61,10 @@ DEFAULTS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, momentum=MOMENTUM,
 
 
 def build_parser():
-    parser, recipe = common.make_parser(__doc__, DEFAULTS)
+    parser, recipe = common.make_parser(__doc__, DEFAULTS, lr_help=(
+        "peak learning rate of the weights SGD trains: the head, the whitening layer's bias "
+        f"and, {BIAS_LR_SCALE}x, the BatchNorm biases (the conv filters follow Muon's own rate "
+        f"{MUON_LR}, unless --no-muon)"))
     add = recipe.add_argument
     add("--warmup", type=float, default=WARMUP, metavar="FRACTION",
         help="fraction of the steps in which the learning rate rises linearly from "
