@@ -877,6 +877,7 @@ class DeviceBatches:
 
     def __init__(self, recipe, model, data, device):
         self.recipe, self.train_images, self.device = recipe, data["train_images"], device
+        self.on_device = self.train_images.device == device  # else in host memory (place_data)
         self.train_module = self.eval_module = model
         self.test_inputs, self.val_inputs = data["test_images"], data.get("val_images")
 
@@ -895,7 +896,7 @@ class DeviceBatches:
 
     def images(self, plan, rows, idx):
         """The batch's uint8 images on the device."""
-        if self.train_images.device == self.device:
+        if self.on_device:
             return self.train_images[idx]
         batch = self.train_images[plan.host_order[rows]]
         return (batch.pin_memory() if self.device.type == "cuda" else batch).to(
@@ -1632,7 +1633,8 @@ def finish(trainer, started):
         if not trainer.args.no_plots:
             save_pictures(trainer.out, trainer.history, result["confusion_matrix"],
                           result["test_accuracy"], trainer.classes)
-    log(f"test accuracy {100 * result['test_accuracy']:.2f}% after {trainer.epoch} epochs, "
+    epochs = f"{trainer.epoch} epoch{'s' * (trainer.epoch != 1)}"
+    log(f"test accuracy {100 * result['test_accuracy']:.2f}% after {epochs}, "
         f"{trainer.train_seconds:.1f} s of training steps, {metrics['total_seconds']:.1f} s in "
         f"all; results in {trainer.out}")
     trainer.save()

@@ -95,7 +95,7 @@ def test_watch_sees_what_it_looks_for():
 
 def watch_everything(monkeypatch, resnet=None):
     watch = Watch()
-    for name in ("train_one_epoch", "evaluate", "predict_files"):
+    for name in ("train_one_epoch", "solve_head", "evaluate", "predict_files"):
         monkeypatch.setattr(common, name, getattr(common, name))  # restored after the test
         watch_calls(common, name, watch)
     if resnet is not None:

@@ -396,3 +396,33 @@ def test_eval_only_scores_own_images_and_refuses_other_classes(trained, own_imag
     assert metrics["classes"] == NAMES and list(metrics["per_class_accuracy"]) == NAMES
     assert [sum(row) for row in metrics["confusion_matrix"]] == [3, 3, 3]
     assert metrics["test_accuracy"] == run["metrics"]["test_accuracy"]
+
+
+def test_images_too_large_for_the_device_stay_on_the_host(cnn, image_folders, monkeypatch):
+    """Each batch is then gathered in host memory and copied over; the pixels the step sees
+    are the same as from images on the device."""
+    data = common.load_dataset(image_folders)
+    monkeypatch.setattr(common, "images_fit_on", lambda device, nbytes: False)
+    placed = common.place_data(data, torch.device("cpu"))
+    assert placed["train_images"] is data["train_images"]  # not copied
+    recipe = cnn.CNNRecipe(cnn.build_parser().parse_args([]))
+    plan = common.EpochPlan(len(data["train_labels"]), torch.Generator().manual_seed(0), 2,
+                            "random", 0, 1)
+    plan.host_order = plan.order.clone()
+    on_device = common.DeviceBatches(recipe, None, placed, torch.device("cpu"))
+    on_host = common.DeviceBatches(recipe, None, placed, torch.device("cpu"))
+    on_host.on_device = False  # as with a GPU that the images do not fit on
+    steps = [(0, slice(0, 16)), (1, slice(16, 32))]
+    for (_, a_idx, a), (_, b_idx, b) in zip(on_device.batches(steps, plan),
+                                            on_host.batches(steps, plan)):
+        assert torch.equal(a_idx, b_idx) and torch.equal(a, b)
+
+
+def test_images_that_fit_in_no_memory_are_refused_before_decoding(cnn, image_folders, tmp_path,
+                                                                   monkeypatch, capsys):
+    monkeypatch.setattr(common, "available_memory", lambda: 1000)
+    monkeypatch.setattr(common, "decode_image", lambda *a, **k: pytest.fail("decoded"))
+    assert cnn.main(["--data-dir", str(image_folders), "--out", str(tmp_path / "run"),
+                     *CNN_FAST]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "would take" in line and "0.0 GiB of memory is free" in line and "--subset" in line

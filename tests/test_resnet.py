@@ -165,3 +165,19 @@ def test_the_probe_reaches_the_optimum_of_a_known_problem():
     assert abs(loss - optimum) < 1e-4
     assert abs(objective(torch.cat([weight, bias[:, None]], 1).double().reshape(-1)).item()
                - optimum) < 1e-4
+
+
+def test_a_missing_weights_file_is_reported_before_any_image_is_decoded(
+        resnet, image_folders, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "decode_image", lambda *a, **k: pytest.fail("decoded first"))
+    assert train(resnet, image_folders, tmp_path / "run", "--weights",
+                 str(tmp_path / "resnet18.pth")) == 2
+    assert "weights file" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_freeze_says_that_translate_does_not_apply(resnet, image_folders, tmp_path, capsys):
+    assert train(resnet, image_folders, tmp_path / "run", "--freeze", "--subset", "16") == 0
+    assert "--translate 4 does not apply" in capsys.readouterr().out
+    assert train(resnet, image_folders, tmp_path / "quiet", "--freeze", "--subset", "16",
+                 "--translate", "0") == 0
+    assert "does not apply" not in capsys.readouterr().out

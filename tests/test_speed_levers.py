@@ -117,7 +117,7 @@ def test_decoded_images_are_read_back_until_a_file_changes(image_folders, tmp_pa
     decoded = common.load_dataset(folders, cache=cache)
     assert len(list((tmp_path / "cache").glob("decoded-images-*"))) == 1
     decode = common.decode_image
-    monkeypatch.setattr(common, "decode_image", lambda path, size: pytest.fail("decoded again"))
+    monkeypatch.setattr(common, "decode_image", lambda *a, **k: pytest.fail("decoded again"))
     again = common.load_dataset(folders, cache=cache)
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(decoded[key], again[key])
@@ -125,7 +125,7 @@ def test_decoded_images_are_read_back_until_a_file_changes(image_folders, tmp_pa
     shutil.copy(folders / "test" / "dog" / sorted(os.listdir(folders / "test" / "dog"))[0], changed)
     calls = []
     monkeypatch.setattr(common, "decode_image",
-                        lambda path, size: calls.append(path) or decode(path, size))
+                        lambda path, **k: calls.append(path) or decode(path, **k))
     fresh = common.load_dataset(folders, cache=cache)
     assert len(calls) == 160 and not torch.equal(fresh["test_images"], decoded["test_images"])
 
