@@ -91,10 +91,12 @@ class Signals:
     """SIGINT and SIGTERM as Interrupted, raised at once wherever the run is, except inside
     deferred(): there they only set a flag that the loops read between two steps
     (Trainer.poll), so model and optimizer stay consistent and the checkpoint written on
-    the way out resumes exactly."""
+    the way out resumes exactly. Under torchrun they only ever set the flag: the ranks
+    must leave together, at the same poll (a collective), or they would wait for each
+    other in different collectives."""
 
     def __init__(self):
-        self.signum, self.deferring, self._previous = 0, False, {}
+        self.signum, self.deferring, self._previous = 0, launched_by_torchrun(), {}
 
     def __enter__(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -112,6 +114,9 @@ class Signals:
 
     @contextmanager
     def deferred(self):
+        if launched_by_torchrun():  # always deferred there, and read only by the polls
+            yield
+            return
         self.deferring = True
         try:
             yield
@@ -129,9 +134,9 @@ def fail_cleanly(main):
     except (UserError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UserError) else 1
-    except (Interrupted, KeyboardInterrupt) as error:  # before any training state existed
+    except (Interrupted, KeyboardInterrupt) as error:  # no training state, or a second signal
         signum = getattr(error, "signum", signal.SIGINT)
-        log(f"interrupted by {signal.Signals(signum).name}; nothing to save yet")
+        log(f"interrupted by {signal.Signals(signum).name}")
         return 128 + signum
     finally:
         if launched_by_torchrun():
@@ -676,7 +681,7 @@ def decode_image(path, size=None, native=False):
         raise UserError(f"{path}: no such file")
     try:
         with Image.open(path) as image:
-            if size is not None:  # a JPEG decodes at 1/2, 1/4 or 1/8 scale at a fraction of the cost
+            if size is not None and not native:  # a JPEG decodes at 1/2, 1/4 or 1/8 scale, cheaply
                 scale = size / min(image.size)
                 image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
             if image.getexif().get(ORIENTATION, 1) != 1:
@@ -850,7 +855,8 @@ def crop_flip(images, shifts, flips):
 # Input sources: where each training step's inputs come from
 #
 # A source names the module that trains (train_module) and the one evaluated
-# (eval_module); batches() makes the inputs of the steps it is given; test_inputs (and
+# (eval_module); batches() makes the inputs of the steps it is given (a source whose
+# solves_head is true has none: solve_head fits its head); test_inputs (and
 # val_inputs, None without a val/ split) and test_input() are the evaluation's inputs and
 # what turns a slice of them into the evaluated module's input; setup() is any work
 # before the first epoch. Adding a way of
@@ -877,7 +883,7 @@ class DeviceBatches:
 
     def __init__(self, recipe, model, data, device):
         self.recipe, self.train_images, self.device = recipe, data["train_images"], device
-        self.on_device = self.train_images.device == device  # else in host memory (place_data)
+        self.on_device = self.train_images.device.type == device.type  # else on the host (place_data)
         self.train_module = self.eval_module = model
         self.test_inputs, self.val_inputs = data["test_images"], data.get("val_images")
 
@@ -907,13 +913,12 @@ class DeviceBatches:
 
 
 class CachedFeatures:
-    """A frozen backbone's features, computed once; only the head trains, on them.
+    """A frozen backbone's features, computed once; only the head learns, on them (solve_head).
 
-    The training images pass through the backbone twice, as they are and mirrored; each
-    epoch picks one of the two per image, which is the flip augmentation (random shifts
-    would need a pass per shift, so there are none). After that pass every epoch costs
-    only the head. The features are kept in the disk cache, so a later run with other
-    head flags (--lr, --epochs, --seed, ...) reads them instead of running the backbone.
+    The training images pass through the backbone as they are and, with flips on,
+    mirrored: the flip augmentation (random shifts would need a pass per shift, so there
+    are none). The features are kept in the disk cache, so a later run (another --seed,
+    say) reads them instead of running the backbone.
     """
 
     solves_head = True  # the head is fitted by solve_head, not trained by epochs
@@ -949,15 +954,16 @@ class CachedFeatures:
                     "torch": str(torch.__version__), "format": 1}  # format: bump when the pass changes
         train_digest = digest(self.train_images)  # hashed once for both passes over them
         self.train_features = self.cached(self.train_images, train_digest, "training images", poll)
-        self.mirrored_features = self.cached(self.train_images, train_digest, "mirror images",
-                                             poll, mirror=True)
+        self.mirrored_features = None if self.recipe.args.flip == "none" else self.cached(
+            self.train_images, train_digest, "mirror images", poll, mirror=True)
         self.test_inputs = self.cached(self.test_images, digest(self.test_images), "test images",
                                        poll)
         if self.val_images is not None:
             self.val_inputs = self.cached(self.val_images, digest(self.val_images),
                                           "validation images", poll)
         self.feature_seconds = time.perf_counter() - started
-        log(f"features of {2 * len(self.train_features)} training and {len(self.test_inputs)} "
+        views = 1 if self.mirrored_features is None else 2
+        log(f"features of {views * len(self.train_features)} training and {len(self.test_inputs)} "
             f"test images ready in {self.feature_seconds:.1f} s")
 
     def cached(self, images, images_digest, what, poll, mirror=False):
@@ -1002,12 +1008,6 @@ class CachedFeatures:
             with self.precision.autocast():
                 parts = [self.images_to_features(images[:1].to(self.device))[:0]]
         return gather_rows(torch.cat(parts), len(images))
-
-    def batches(self, steps, plan):
-        for step, rows in steps:
-            idx = plan.order[rows]
-            flips = plan.flips[idx, None]
-            yield step, idx, torch.where(flips, self.mirrored_features[idx], self.train_features[idx])
 
     def metrics(self):
         return {"feature_seconds": self.feature_seconds}
@@ -1285,7 +1285,7 @@ def save_pictures(out, history=None, confusion=None, final_accuracy=None, classe
         if history:
             figures["curves.png"] = draw_curves(Figure(figsize=(9, 3.6)), history, final_accuracy)
         if confusion is not None:
-            side = max(1.0, len(classes) / 10)  # CIFAR-10's ten classes at 1x, more grow it
+            side = min(3.0, max(1.0, len(classes) / 10))  # ten classes at 1x, 30 and more at 3x
             figures["confusion.png"] = draw_confusion(Figure(figsize=(7.4 * side, 5.6 * side)),
                                                       confusion, classes)
         for name, figure in figures.items():
@@ -1459,24 +1459,26 @@ def solve_head(trainer):
     targets = labels.repeat(1 + flipped)  # the label of each row of features
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).to(labels.device)
     held, kept = order[:max(1, n // 10)], order[max(1, n // 10):]
-    held_out, weight = {}, None
+    mean, std = standardisation(features[rows(kept)])
+    x, y = (features[rows(kept)] - mean) / std, targets[rows(kept)]
+    held_out, fits, start = {}, {}, None
     for l2 in sorted(PROBE_L2, reverse=True):  # strong to weak, each fit starting from the last
-        mean, std = standardisation(features[rows(kept)])
-        weight, bias, _ = fit_logistic((features[rows(kept)] - mean) / std, targets[rows(kept)],
-                                       len(trainer.classes), l2, weight)
-        predicted = (((plain[held] - mean) / std) @ weight.T + bias).argmax(1)
+        fits[l2] = start = fit_logistic(x, y, len(trainer.classes), l2, start)
+        predicted = (((plain[held] - mean) / std) @ start[0].T + start[1]).argmax(1)
         held_out[l2] = (predicted == labels[held]).float().mean().item()
     best = max(held_out, key=lambda l2: (held_out[l2], l2))  # ties: the stronger strength
     mean, std = standardisation(features)
-    weight, bias, loss = fit_logistic((features - mean) / std, targets, len(trainer.classes),
-                                      best, weight)
+    weight, bias = fit_logistic((features - mean) / std, targets, len(trainer.classes), best,
+                                fits[best])
     head = source.train_module
     with torch.no_grad():  # w . (x - mean) / std + b  =  (w / std) . x + (b - (w / std) . mean)
         head.weight.copy_(weight / std)
         head.bias.copy_(bias - (weight / std) @ mean)
-        correct = (head(plain).argmax(1) == labels).sum().item()
-    return {"train_loss": loss, "train_accuracy": correct / n, "images": n,
-            "seconds": time.perf_counter() - started,
+        broadcast_from_rank0([head.weight, head.bias])  # one head for the sharded evaluation
+        logits = head(features)
+    return {"train_loss": F.cross_entropy(logits, targets).item(),
+            "train_accuracy": (logits[:n].argmax(1) == labels).float().mean().item(),
+            "images": n, "seconds": time.perf_counter() - started,
             "probe": {"l2": best, "held_out_accuracy": {f"{l2:.0e}": a for l2, a in held_out.items()}}}
 
 
@@ -1487,11 +1489,12 @@ def standardisation(features):
 
 
 def fit_logistic(x, labels, n_classes, l2, start=None):
-    """(weight, bias, loss) minimising mean cross-entropy + l2 / 2 * |weight|^2 over rows x,
-    by full-batch L-BFGS with a strong Wolfe line search, to convergence."""
-    weight = torch.zeros(n_classes, x.shape[1], device=x.device) if start is None else start.clone()
-    weight.requires_grad_(True)
-    bias = torch.zeros(n_classes, device=x.device, requires_grad=True)
+    """(weight, bias) minimising mean cross-entropy + l2 / 2 * |weight|^2 over rows x, by
+    full-batch L-BFGS with a strong Wolfe line search, to convergence, from start (a
+    (weight, bias) pair) or zeros."""
+    if start is None:
+        start = torch.zeros(n_classes, x.shape[1], device=x.device), torch.zeros(n_classes, device=x.device)
+    weight, bias = (t.clone().requires_grad_(True) for t in start)
     solver = torch.optim.LBFGS([weight, bias], lr=1, max_iter=PROBE_ITERATIONS, history_size=20,
                                tolerance_grad=1e-7, tolerance_change=1e-12,
                                line_search_fn="strong_wolfe")
@@ -1503,8 +1506,7 @@ def fit_logistic(x, labels, n_classes, l2, start=None):
         return loss
     with torch.enable_grad():
         solver.step(objective)
-        loss = objective().item()
-    return weight.detach(), bias.detach(), loss
+    return weight.detach(), bias.detach()
 
 
 def train_one_epoch(trainer, signals, progress):
@@ -1601,10 +1603,11 @@ def fit(trainer, signals):
         trainer.sync_ranks()  # every rank then evaluates the model that is saved
         result = evaluate(source.eval_module, trainer.recipe.logits, test_inputs, test_labels,
                           source.test_input, trainer.device, trainer.precision, trainer.classes)
-        record = trainer.end_epoch(stats, result["test_accuracy"], len(test_labels), scored,
-                                   time.perf_counter() - wall_start)
+        with signals.deferred():  # the epoch's state changes and is saved as a whole
+            record = trainer.end_epoch(stats, result["test_accuracy"], len(test_labels), scored,
+                                       time.perf_counter() - wall_start)
+            trainer.save()
         log(epoch_line(record, trainer.epochs))
-        trainer.save()
         if is_main_process() and not args.no_plots:
             save_pictures(trainer.out, trainer.history, result["confusion_matrix"],
                           classes=trainer.classes)
@@ -1689,6 +1692,9 @@ def train(args, checkpoint, recipe, device, precision, started, signals):
     data = load_dataset(args.data_dir, recipe.input_size, args.subset, DiskCache(args.cache))
     if checkpoint is not None:
         check_same_classes(checkpoint, data["classes"], args.resume)
+        if checkpoint["image_size"] != data["image_size"]:
+            raise UserError(f"{args.resume} was trained on images kept at {checkpoint['image_size']} "
+                            f"px; the data is kept at {data['image_size']} px")
     recipe.classes = data["classes"]
     splits = [f"{len(data[f'{s}_labels'])} {s}" for s in SPLITS if f"{s}_labels" in data]
     log(f"{recipe.name}: {', '.join(splits)} images of {len(data['classes'])} classes at "
@@ -1762,7 +1768,7 @@ def run_from_checkpoint(args, recipe, device, precision, started):
         export(Deployable(recipe, model.cpu().float()), Path(args.export), image_size, recipe.classes)
         return 0
     out = prepare_out_dir(args, recipe.name)
-    data = load_dataset(args.data_dir, image_size, args.subset, DiskCache(args.cache))
+    data = load_dataset(args.data_dir, recipe.input_size, args.subset, DiskCache(args.cache))
     check_same_classes(checkpoint, data["classes"], args.checkpoint)
     test_images, test_labels = data["test_images"].to(device), data["test_labels"].to(device)
     result = evaluate(model, functools.partial(recipe.logits, final=True), test_images,

@@ -51,8 +51,8 @@ DEFAULTS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, momentum=MOMENTUM,
 
 def build_parser():
     parser, recipe = common.make_parser(__doc__, DEFAULTS, lr_help=(
-        f"peak learning rate of the backbone; the new head's is {HEAD_LR_SCALE}x it, the "
-        f"same with --weights none"))
+        f"peak learning rate of the backbone; the new head's is {HEAD_LR_SCALE}x it (1x with "
+        f"--weights none)"))
     add = recipe.add_argument
     add("--weights", default="imagenet", metavar="imagenet|none|PATH",
         help="starting weights: torchvision's ImageNet ones (downloaded or in the torch hub "
@@ -61,8 +61,9 @@ def build_parser():
     add("--freeze", action="store_true",
         help="only the new head learns, on a frozen backbone's features, computed once: a "
              "linear probe, fitted to convergence by L-BFGS on standardised features with the "
-             "L2 strength chosen on a held-out tenth of the training images (--epochs, --lr, "
-             "--momentum, --weight-decay, --label-smoothing and --translate do not apply) "
+             "L2 strength chosen on a held-out tenth of the training images (--epochs, "
+             "--batch-size, --lr, --momentum, --weight-decay, --label-smoothing and "
+             "--translate do not apply) "
              "(default: off)")
     add("--train-layers", type=int, choices=range(0, 5), default=None, metavar="K",
         help="train only the last K residual stages (0-4) and the head; frozen parts keep "
@@ -167,7 +168,7 @@ class ResNetRecipe(common.Recipe):
 
     def prepare(self):
         self.backbone_weights = None
-        if self.args.weights != "none":
+        if self.args.weights != "none" and not self.args.resume:  # a resumed run has its own
             self.backbone_weights = read_backbone_weights(self.args.weights)
         if self.train_layers == 0 and self.args.translate:
             common.log(f"note: the frozen backbone's features are computed once, of each "
