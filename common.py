@@ -14,9 +14,9 @@ recipe (a Recipe subclass); everything else lives here, in the order data flows:
   train and evaluate             the Recipe, train_one_epoch, evaluate, fit, finish
   entry point                    run(): what both scripts' main() call; --predict, --export
 
-The whole dataset is decoded once into a uint8 tensor on the training device and
-augmented there in whole batches: no per-image Python work and no DataLoader workers in
-the hot path.
+The whole dataset is held as a uint8 tensor on the training device (in host memory when
+it does not fit there) and augmented on the device in whole batches: no per-image Python
+work and no DataLoader workers in the hot path. Image folders are decoded once and cached.
 """
 
 import argparse

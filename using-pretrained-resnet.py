@@ -66,8 +66,9 @@ def build_parser():
              "--translate do not apply) "
              "(default: off)")
     add("--train-layers", type=int, choices=range(0, 5), default=None, metavar="K",
-        help="train only the last K residual stages (0-4) and the head; frozen parts keep "
-             "their BatchNorm statistics; 0 is --freeze (default: all layers)")
+        help="train only the last K residual stages (0-4) and the head; the stem and the "
+             "other stages stay frozen, BatchNorm statistics included; 0 is --freeze, 4 full "
+             "fine-tuning (default: all layers)")
     add("--image-size", type=int, default=IMAGE_SIZE, metavar="PX",
         help="side in pixels of the model's input, at least 32: images are resized (shorter "
              "side, then the centre) once when decoded, smaller squares such as CIFAR-10's "

@@ -28,6 +28,7 @@ def reference_logits(module, checkpoint, images):
     vars(args).update(state["args"])
     recipe_class = module.CNNRecipe if hasattr(module, "CNNRecipe") else module.ResNetRecipe
     recipe = recipe_class(args)
+    recipe.classes = state["classes"]
     model = recipe.build_model(None)
     model.load_state_dict(state["model"])
     with torch.no_grad():

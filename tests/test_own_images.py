@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from conftest import CNN_FAST, RESNET_FAST
+from test_export import reference_logits
 import common
 
 NAMES = ["big cat", "hérisson", "zebra"]  # a space, a non-ASCII letter; sorted = label order
@@ -309,19 +310,6 @@ def test_predict_prints_the_class_names(trained, own_images, script, capsys):
         probabilities = [float(p) for _, p in found]
         assert probabilities == sorted(probabilities, reverse=True)
         assert abs(sum(probabilities) - 100) < 0.5
-
-
-def reference_logits(module, checkpoint_path, images):
-    """The script's own model in float32, as tests/test_export.py computes it."""
-    state = torch.load(checkpoint_path, weights_only=True)
-    args = module.build_parser().parse_args([])
-    vars(args).update(state["args"])
-    recipe = (module.CNNRecipe if hasattr(module, "CNNRecipe") else module.ResNetRecipe)(args)
-    recipe.classes = state["classes"]
-    model = recipe.build_model(None)
-    model.load_state_dict(state["model"])
-    with torch.no_grad():
-        return common.Deployable(recipe, model)(images)
 
 
 @pytest.mark.parametrize("script", ["cnn", "resnet"])
