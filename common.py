@@ -1308,8 +1308,9 @@ def draw_curves(figure, history, final_accuracy):
     loss_axes.set(title="training loss", ylabel="loss")
     accuracy_axes.plot(epochs, [100 * e["train_accuracy"] for e in history], "o-", label="training")
     scored = history[-1].get("test_images")  # per epoch: a subset of the test images (--eval-images)
+    split = "validation" if history[-1].get("scored_on") == "val" else "test"
     accuracy_axes.plot(epochs, [100 * e["test_accuracy"] for e in history], "o-",
-                       label=f"test ({scored} images)" if scored else "test")
+                       label=f"{split} ({scored} images)" if scored else split)
     if final_accuracy is not None:
         accuracy_axes.plot([epochs[-1]], [100 * final_accuracy], "*", markersize=12, color="k",
                            label=f"final evaluation: {100 * final_accuracy:.2f}%")
