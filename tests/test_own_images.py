@@ -414,3 +414,13 @@ def test_images_that_fit_in_no_memory_are_refused_before_decoding(cnn, image_fol
                      *CNN_FAST]) == 2
     line = capsys.readouterr().err.strip()
     assert "would take" in line and "0.0 GiB of memory is free" in line and "--subset" in line
+
+
+def test_resume_refuses_data_now_kept_at_another_size(resnet, tmp_path, capsys):
+    data = squares_folder(tmp_path / "data", [(20, 20)] * 4)  # kept at 20, enlarged to 48
+    flags = ["--data-dir", str(data), *RESNET_FAST, "--image-size", str(RESNET_SIZE),
+             "--epochs", "2", "--batch-size", "4"]
+    assert resnet.main(flags + ["--out", str(tmp_path / "run"), "--stop-after", "1"]) == 0
+    Image.new("RGB", (40, 30)).save(data / "train" / NAMES[0] / "photo.png")  # now kept at 48
+    assert resnet.main(["--resume", str(tmp_path / "run" / "checkpoint.pt")]) == 2
+    assert "kept at 20 px; the data is kept at 48 px" in capsys.readouterr().err
