@@ -114,15 +114,12 @@ class Signals:
 
     @contextmanager
     def deferred(self):
-        if launched_by_torchrun():  # always deferred there, and read only by the polls
-            yield
-            return
         self.deferring = True
         try:
             yield
-        finally:
-            self.deferring = False
-        if self.signum:  # arrived after the last poll
+        finally:  # under torchrun always deferred, and read only by the polls
+            self.deferring = launched_by_torchrun()
+        if self.signum and not self.deferring:  # arrived after the last poll
             raise Interrupted(self.signum)
 
 
@@ -165,10 +162,9 @@ def positive_float(text):
 
 
 def make_parser(description, defaults, lr_help):
-    """The flags both scripts share, in --help groups, with the script's defaults (a dict:
-    epochs, batch_size, lr, momentum, weight_decay, label_smoothing, translate, flip) and
-    what its --lr sets. Returns (parser, recipe group): each script adds its own flags to
-    the latter."""
+    """The flags both scripts share, in --help groups, with the script's defaults (epochs,
+    batch_size, lr, momentum, weight_decay, label_smoothing, translate, flip) and what its
+    --lr sets. Returns (parser, recipe group), to which each script adds its own flags."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data").add_argument
@@ -318,11 +314,9 @@ def parse_args(parser, argv, recipe):
 
 
 def pick_device(name):
-    """torch.device for --device; a device that is not there is one clear error.
-
-    Under torchrun each process takes the GPU of its LOCAL_RANK and makes it current
-    before anything else (precision probes, the process group) looks at "the" GPU.
-    """
+    """torch.device for --device; a device that is not there is one clear error. Under
+    torchrun each process takes the GPU of its LOCAL_RANK and makes it current before
+    anything else (precision probes, the process group) looks at "the" GPU."""
     has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
@@ -341,30 +335,9 @@ def pick_device(name):
 
 
 def steps_per_host_read(device):
-    """How often the step loop reads a device value on the host (the loss, the stop flag).
-
-    On a CPU a read costs nothing, so it happens every step; on a GPU or MPS each read
-    waits for all queued work, so it happens every HOST_READ_EVERY steps.
-    """
+    """Steps between the loop's host reads of device values (the loss, the stop flag): on a
+    GPU or MPS each read waits for all queued work; on a CPU it costs nothing."""
     return 1 if device.type == "cpu" else HOST_READ_EVERY
-
-
-def cpu_has_native_bf16():
-    """AVX-512 BF16 or AMX: bf16 matmuls run in hardware, several times float32's rate.
-
-    (mkldnn's own bf16 check also says yes for plain AVX-512, where bf16 is emulated.)
-    """
-    probes = [getattr(torch.cpu, name, None) for name in
-              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if None in probes:  # an older torch without these probes
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return any(probe() for probe in probes)
-
-
-def mps_has_fp16_training():
-    """fp16 training on MPS needs autocast there (torch 2.5) and the grad scaler's MPS
-    kernels (torch 2.8); with an older torch a Mac trains in float32."""
-    return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 def pick_amp_dtype(device, enabled):
@@ -372,19 +345,27 @@ def pick_amp_dtype(device, enabled):
 
     bf16 needs no loss scaling, so it is chosen wherever the hardware runs it natively:
     CUDA GPUs of compute capability 8.0 and newer (Ampere on), CPUs with AVX-512 BF16 or
-    AMX. Older GPUs (T4, V100, GeForce 10/16/20) have fast fp16 but only emulated bf16
-    (which torch.cuda.is_bf16_supported() counts as support), so they get fp16 and a grad
-    scaler; so does MPS. Without native bf16 a CPU trains fastest in float32.
+    AMX (several times float32's rate; mkldnn's own check, the fallback of a torch without
+    these probes, also says yes for plain AVX-512, where bf16 is emulated). Older GPUs (T4,
+    V100, GeForce 10/16/20) have fast fp16 but only emulated bf16 (which
+    torch.cuda.is_bf16_supported() counts as support), so they get fp16 and a grad scaler;
+    so does MPS, where fp16 training needs autocast (torch 2.5) and the scaler's kernels
+    (torch 2.8). Without native bf16 a CPU trains fastest in float32.
     """
     if not enabled:
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if device.type == "mps":
-        return torch.float16 if mps_has_fp16_training() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return None
+        torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+        return torch.float16 if torch_version >= (2, 8) else None
+    if device.type != "cpu":
+        return None
+    probes = [getattr(torch.cpu, name, None) for name in
+              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported() if None in probes else \
+        any(probe() for probe in probes)
+    return torch.bfloat16 if native else None
 
 
 class Precision:
@@ -408,18 +389,7 @@ class Precision:
         return self.scaler.is_enabled() and self.device_type == "cuda"
 
     def autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def state_dict(self):
-        return self.scaler.state_dict()  # {} when no scaler is used
-
-    def load_state_dict(self, state):
-        """The scaler's state, when both runs use one: a checkpoint moves between precisions
-        (a float32 or bf16 run resumed in fp16 starts a fresh scaler, and the reverse drops it)."""
-        if state and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state)
+        return nullcontext() if self.dtype is None else torch.autocast(self.device_type, self.dtype)
 
 # -----------------------------------------------------------------------------
 # Distributed (torchrun)
@@ -468,11 +438,9 @@ def gather_rows(local, n):
     """Concatenate every rank's `local` rows (from shard()) into the full n rows, on all ranks."""
     if not dist.is_initialized():
         return local
-    world_size = dist.get_world_size()
-    per_rank = rows_per_rank(n, world_size)
-    padded = local.new_zeros((per_rank,) + tuple(local.shape[1:]))
-    padded[:len(local)] = local
-    gathered = local.new_empty((per_rank * world_size,) + tuple(local.shape[1:]))
+    per_rank = rows_per_rank(n, dist.get_world_size())
+    padded = torch.cat([local, local.new_zeros((per_rank - len(local),) + local.shape[1:])])
+    gathered = padded.new_empty((per_rank * dist.get_world_size(),) + padded.shape[1:])
     dist.all_gather_into_tensor(gathered, padded)
     return gathered[:n]
 
@@ -499,13 +467,10 @@ def broadcast_from_rank0(tensors):
 
 
 def load_dataset(data_dir, size=32, subset=None, cache=None):
-    """Every split as uint8 NHWC tensors and int64 labels, from whichever layout DIR holds.
-
-    size: the side the model trains at (see stored_size); subset: keep at most this many
-    images of each split (see subset_indices); cache: a DiskCache for decoded image folders.
-    Returns dict(classes, image_size, train_images, train_labels, test_images, test_labels,
-    and val_images, val_labels where there is a val/ split).
-    """
+    """Every split as uint8 NHWC tensors and int64 labels, from whichever layout DIR holds,
+    at most subset images of each (see subset_indices); size: the side the model trains at.
+    Returns dict(classes, image_size, {train,test}_{images,labels}, and val_images and
+    val_labels where there is a val/ split)."""
     root = Path(data_dir)
     if root.name == "cifar-10-batches-py":  # the user pointed at the archive's folder itself
         root = root.parent
@@ -521,8 +486,8 @@ def load_dataset(data_dir, size=32, subset=None, cache=None):
 def _read_torchvision(root, download):
     import torchvision  # imported here: only this layout needs it at load time
     try:
-        splits = {train: torchvision.datasets.CIFAR10(str(root), train=train, download=download)
-                  for train in (True, False)}
+        splits = {name: torchvision.datasets.CIFAR10(str(root), name == "train", download=download)
+                  for name in ("train", "test")}
     except Exception as error:  # offline, a broken archive, a failed checksum, ...
         what = "could not download CIFAR-10" if download else \
             f"{root / 'cifar-10-batches-py'} is incomplete or corrupted"
@@ -532,8 +497,7 @@ def _read_torchvision(root, download):
             f"cifar-10-python.tar.gz in {root}, or class folders {root}/train/<class>/ and "
             f"{root}/test/<class>/") from None
     data = {"classes": list(CLASSES), "image_size": 32}
-    for train, split in splits.items():
-        name = "train" if train else "test"
+    for name, split in splits.items():
         data[f"{name}_images"] = torch.from_numpy(np.ascontiguousarray(split.data))
         data[f"{name}_labels"] = torch.tensor(split.targets, dtype=torch.int64)
     return data
@@ -564,8 +528,14 @@ def _read_image_folders(root, size, subset, cache):
 
 def decode_folders(files, size, native=False):
     """Each split's images at size x size and labels; native: None unless every image is a
-    size x size square already."""
-    check_memory(sum(len(paths) for paths, _ in files.values()) * size * size * 3)
+    size x size square already. Images that would not fit in the free memory are refused
+    before decoding."""
+    needed = sum(len(paths) for paths, _ in files.values()) * size * size * 3
+    free = available_memory()
+    if free is not None and needed > free:
+        raise UserError(f"the decoded images would take {needed / 2**30:.1f} GiB and "
+                        f"{free / 2**30:.1f} GiB of memory is free: train on fewer with "
+                        f"--subset N, or on smaller ones (the ResNet's --image-size)")
     data = {}
     for split, (paths, labels) in files.items():
         images = decode_images(paths, size, f"decoding {split}/", native)
@@ -626,15 +596,6 @@ def image_side(path):
     except Exception:  # reported, with its name, when it is decoded
         return None
     return width if width == height else None
-
-
-def check_memory(needed):
-    """Refuse, before decoding, images that would not fit in the memory that is free."""
-    free = available_memory()
-    if free is not None and needed > free:
-        raise UserError(f"the decoded images would take {needed / 2**30:.1f} GiB and "
-                        f"{free / 2**30:.1f} GiB of memory is free: train on fewer with "
-                        f"--subset N, or on smaller ones (the ResNet's --image-size)")
 
 
 def available_memory():
@@ -737,8 +698,7 @@ def take_subset(data, n):
 def _pixel_stats(mean, std, device):
     """Mean and std in 0..255 pixel units as (1, 3, 1, 1) tensors, made once per device
     (a fresh host-to-device copy every batch would stall a GPU)."""
-    as_tensor = lambda v: torch.tensor(v, device=device).view(1, 3, 1, 1) * 255  # noqa: E731
-    return as_tensor(mean), as_tensor(std)
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (mean, std))
 
 
 def to_float(images_uint8, mean, std):
@@ -769,13 +729,11 @@ def digest(value):
 
 
 class DiskCache:
-    """The one folder for everything the scripts cache: tensors under a key.
-
-    A key is a dict naming everything that determines the tensors (content digests
-    included); the file is named by its digest and holds the key too, so that a file of
-    another key is recognised. Writes are atomic. An unreadable, truncated or mismatched
-    file is one warning line and a recomputation, never a crash or a wrong result.
-    """
+    """The one folder for everything the scripts cache: tensors under a key, a dict naming
+    everything that determines them (content digests included). The file is named by the
+    key's digest and holds the key too, so that a file of another key is recognised. Writes
+    are atomic; an unreadable, truncated or mismatched file is one warning line and a
+    recomputation, never a crash or a wrong result."""
 
     def __init__(self, folder):
         self.folder = None if folder == "none" else Path(folder)
@@ -814,11 +772,9 @@ class DiskCache:
 
 
 class EpochPlan:
-    """One epoch's data order and per-image augmentation, drawn from a CPU generator.
-
-    Drawing everything at the start of the epoch from one generator makes an epoch
-    reproducible from the generator's state alone, which is what exact resume needs.
-    """
+    """One epoch's data order and per-image augmentation, all drawn at its start from one
+    CPU generator: the epoch is then reproducible from the generator's state alone, which is
+    what exact resume needs."""
 
     def __init__(self, n, generator, translate, flip, epoch, flip_seed):
         self.translate = translate  # pixels of shift at most
@@ -837,11 +793,9 @@ class EpochPlan:
 
 
 def crop_flip(images, shifts, flips):
-    """Translate each NHWC image by (dy, dx), reflecting at the border, and mirror some.
-
-    One gather does both: the source row and column of every output pixel are computed
-    from the shift, reflected back inside the image, and reversed for flipped images.
-    """
+    """Translate each NHWC image by (dy, dx), reflecting at the border, and mirror some, in
+    one gather: the source row and column of every output pixel are computed from the
+    shift, reflected back inside the image, and reversed for flipped images."""
     n, height, width, _ = images.shape
     rows = shifts[:, :1] + torch.arange(height, device=images.device)  # (n, H)
     cols = shifts[:, 1:] + torch.arange(width, device=images.device)   # (n, W)
@@ -856,11 +810,11 @@ def crop_flip(images, shifts, flips):
 #
 # A source names the module that trains (train_module) and the one evaluated
 # (eval_module); batches() makes the inputs of the steps it is given (a source whose
-# solves_head is true has none: solve_head fits its head); test_inputs (and
-# val_inputs, None without a val/ split) and test_input() are the evaluation's inputs and
-# what turns a slice of them into the evaluated module's input; setup() is any work
-# before the first epoch. Adding a way of
-# feeding the model means adding a source and one line to make_input_source.
+# solves_head is true has none: solve_head fits its head); test_inputs (and val_inputs,
+# None without a val/ split) and test_input() are the evaluation's inputs and what turns a
+# slice of them into the evaluated module's input; setup() is any work before the first
+# epoch. Adding a way of feeding the model means adding a source and one line to
+# make_input_source.
 
 
 def make_input_source(args, recipe, model, data, device, precision):
@@ -873,11 +827,9 @@ def make_input_source(args, recipe, model, data, device, precision):
 
 
 class DeviceBatches:
-    """The default: the uint8 dataset on the device, augmented there in whole batches.
-
-    Images too large for the device stay in host memory: each batch is gathered there and
-    copied over (pinned, so the copy overlaps the step), then augmented on the device.
-    """
+    """The default: the uint8 dataset on the device, augmented there in whole batches. Images
+    too large for the device stay in host memory: each batch is gathered there and copied
+    over (pinned, so the copy overlaps the step), then augmented on the device."""
 
     solves_head = False
 
@@ -897,16 +849,12 @@ class DeviceBatches:
         """(step, image indices, model input) for each (step, rows of plan.order) in steps."""
         for step, rows in steps:
             idx = plan.order[rows]
+            images = self.train_images[idx if self.on_device else plan.host_order[rows]]
+            if not self.on_device:
+                images = (images.pin_memory() if self.device.type == "cuda" else images).to(
+                    self.device, non_blocking=True)
             yield step, idx, self.recipe.model_input(crop_flip(
-                self.images(plan, rows, idx), plan.shifts[idx], plan.flips[idx]))
-
-    def images(self, plan, rows, idx):
-        """The batch's uint8 images on the device."""
-        if self.on_device:
-            return self.train_images[idx]
-        batch = self.train_images[plan.host_order[rows]]
-        return (batch.pin_memory() if self.device.type == "cuda" else batch).to(
-            self.device, non_blocking=True)
+                images, plan.shifts[idx], plan.flips[idx]))
 
     def metrics(self):
         return {}
@@ -914,19 +862,15 @@ class DeviceBatches:
 
 class CachedFeatures:
     """A frozen backbone's features, computed once; only the head learns, on them (solve_head).
-
-    The training images pass through the backbone as they are and, with flips on,
-    mirrored: the flip augmentation (random shifts would need a pass per shift, so there
-    are none). The features are kept in the disk cache, so a later run (another --seed,
-    say) reads them instead of running the backbone.
-    """
+    The training images pass through the backbone as they are and, with flips on, mirrored
+    (random shifts would need a pass per shift, so there are none). The features are kept in
+    the disk cache, so a later run (another --seed, say) reads them instead."""
 
     solves_head = True  # the head is fitted by solve_head, not trained by epochs
 
     def __init__(self, recipe, model, data, device, precision, backbone, head, cache, compile=False):
         self.recipe, self.model, self.device = recipe, model, device
         self.precision, self.cache = precision, cache
-        self.backbone = backbone  # model input -> the head's input
         # uint8 images -> features; with --compile, inductor also folds the frozen weights
         # and BatchNorm into the convolutions and fuses the resize (inference only)
         self.images_to_features = lambda images: backbone(recipe.model_input(images)).float()
@@ -953,22 +897,20 @@ class CachedFeatures:
                     "compiled": self.compiled, "processes": rank_and_world_size()[1],
                     "torch": str(torch.__version__), "format": 1}  # format: bump when the pass changes
         train_digest = digest(self.train_images)  # hashed once for both passes over them
-        self.train_features = self.cached(self.train_images, train_digest, "training images", poll)
+        self.train_features = self.cached(self.train_images, "training images", poll, train_digest)
         self.mirrored_features = None if self.recipe.args.flip == "none" else self.cached(
-            self.train_images, train_digest, "mirror images", poll, mirror=True)
-        self.test_inputs = self.cached(self.test_images, digest(self.test_images), "test images",
-                                       poll)
+            self.train_images, "mirror images", poll, train_digest, mirror=True)
+        self.test_inputs = self.cached(self.test_images, "test images", poll)
         if self.val_images is not None:
-            self.val_inputs = self.cached(self.val_images, digest(self.val_images),
-                                          "validation images", poll)
+            self.val_inputs = self.cached(self.val_images, "validation images", poll)
         self.feature_seconds = time.perf_counter() - started
         views = 1 if self.mirrored_features is None else 2
         log(f"features of {views * len(self.train_features)} training and {len(self.test_inputs)} "
             f"test images ready in {self.feature_seconds:.1f} s")
 
-    def cached(self, images, images_digest, what, poll, mirror=False):
+    def cached(self, images, what, poll, images_digest=None, mirror=False):
         """The features of images from the cache, or computed (and then cached)."""
-        key = {**self.key, "images": images_digest, "mirror": mirror}
+        key = {**self.key, "images": images_digest or digest(images), "mirror": mirror}
         features = from_rank0(lambda: self.cache.load(key))
         if features is not None:
             log(f"read the features of {len(images)} {what} from {self.cache.path(key)}")
@@ -1019,8 +961,9 @@ class CachedFeatures:
 class Trainer:
     """One training run's state: model, optimizer, schedule, weight averages, data order
     and progress. The loops (train_one_epoch, fit) read and update it; state_dict() and
-    load_state_dict() capture all of it, so a resumed run continues exactly.
-    """
+    load_state_dict() capture all of it, so a resumed run continues exactly."""
+
+    progress = ("epoch", "step_in_epoch", "global_step", "history", "train_seconds", "images_seen")
 
     def __init__(self, args, recipe, model, source, data, device, precision, out):
         self.args, self.recipe, self.model, self.source = args, recipe, model, source
@@ -1059,13 +1002,12 @@ class Trainer:
         """DDP, then torch.compile, wrap only the module that trains (the order the PyTorch
         docs give: compiling the DDP module lets gradient communication overlap the
         backward); checkpoints save the bare model."""
-        module = self.train_module
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+            self.train_module = nn.parallel.DistributedDataParallel(self.train_module,
+                                                                    device_ids=ids)
         if self.args.compile:
-            module = torch.compile(module)
-        self.train_module = module
+            self.train_module = torch.compile(self.train_module)
 
     def start_epoch(self):
         """Draw this epoch's data order and augmentation (from the saved state on resume)."""
@@ -1086,12 +1028,10 @@ class Trainer:
             yield step, slice(start, start + local)
 
     def poll(self, signals):
-        """The loops' one read of device values on the host, every read_every steps.
-
-        Under torchrun the signal flag and a non-finite loss are combined over all ranks in
-        one all_reduce, so every rank leaves at the same step with the same message.
-        Returns this rank's running loss sum as a float.
-        """
+        """The loops' one read of device values on the host, every read_every steps; returns
+        this rank's running loss sum as a float. Under torchrun the signal flag and a non-finite
+        loss are combined over all ranks in one all_reduce, so every rank leaves at the same
+        step with the same message."""
         loss_sum = self.sums["loss"]
         flags = torch.stack([torch.full((), float(signals.signum), device=self.device),
                              (~loss_sum.isfinite()).float(), loss_sum.float()])
@@ -1108,9 +1048,10 @@ class Trainer:
             raise Interrupted(int(signum))
         return loss_sum
 
-    def reset_sums(self):
-        self.sums = {"loss": torch.zeros((), device=self.device),
-                     "correct": torch.zeros((), device=self.device), "count": 0, "seconds": 0.0}
+    def reset_sums(self, loss=0.0, correct=0.0, count=0, seconds=0.0):
+        self.sums = {"loss": torch.tensor(loss, device=self.device),
+                     "correct": torch.tensor(correct, device=self.device), "count": count,
+                     "seconds": seconds}
 
     def epoch_stats(self):
         # float32 on the device (MPS has no float64), exact for the counts of any epoch here
@@ -1139,28 +1080,27 @@ class Trainer:
         self.reset_sums()
         return record
 
-    def sync_ranks(self):
-        """Give every rank rank 0's BatchNorm statistics and weight averages, so the sharded
-        evaluation scores the model that rank 0 saves."""
+    def evaluate(self, inputs, labels, final=False):
+        """evaluate() of the model that rank 0 saves: every rank is first given its BatchNorm
+        statistics and weight averages. final: with the recipe's test-time augmentation."""
         averaged = tensors_in(self.averager.state_dict()) if self.averager else []
         broadcast_from_rank0(list(self.model.buffers()) + averaged)
+        return evaluate(self.source.eval_module, functools.partial(self.recipe.logits, final=final),
+                        inputs, labels, self.source.test_input, self.device, self.precision,
+                        self.classes)
 
     def state_dict(self):
-        sums = self.sums
         return {
             "format": CHECKPOINT_FORMAT, "script": self.recipe.name,
             "constants": self.recipe.constants(),
             "model": self.model.state_dict(), "args": plain_args(self.args),
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
+            **{name: getattr(self, name) for name in self.progress},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.precision.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),  # {} when no scaler is used
             "averager": self.averager.state_dict() if self.averager else None,
             "rng": {"torch": torch.get_rng_state(), "epoch_data": self.epoch_rng_state},
-            "partial_epoch": {"loss": float(sums["loss"]), "correct": float(sums["correct"]),
-                              "count": sums["count"], "seconds": sums["seconds"]},
-            "history": self.history, "train_seconds": self.train_seconds,
-            "images_seen": self.images_seen,
+            "partial_epoch": {name: float(value) if torch.is_tensor(value) else value
+                              for name, value in self.sums.items()},
             "best_accuracy": max([e["test_accuracy"] for e in self.history], default=0.0),
             "classes": list(self.classes), "image_size": self.image_size,
             "world_size": self.world_size,
@@ -1173,22 +1113,19 @@ class Trainer:
             for group in self.optimizer.param_groups:  # this run's device decides, not the saved one's
                 group["fused"] = self.precision.fused_optimizer or None
             self.scheduler.load_state_dict(checkpoint["scheduler"])
-            self.precision.load_state_dict(checkpoint["scaler"])
+            # A checkpoint moves between precisions: a float32 or bf16 run resumed in fp16
+            # starts a fresh scaler, and the reverse drops it
+            if checkpoint["scaler"] and self.precision.scaler.is_enabled():
+                self.precision.scaler.load_state_dict(checkpoint["scaler"])
             if self.averager:
                 self.averager.load_state_dict(checkpoint["averager"])
-            self.epoch, self.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
-            self.global_step = checkpoint["global_step"]
+            for name in self.progress:
+                setattr(self, name, checkpoint[name])
             torch.set_rng_state(checkpoint["rng"]["torch"])
             self.epoch_rng_state = checkpoint["rng"]["epoch_data"]
-            partial = checkpoint["partial_epoch"]
-            self.history = list(checkpoint["history"])
-            self.train_seconds = checkpoint["train_seconds"]
-            self.images_seen = checkpoint["images_seen"]
+            self.reset_sums(**checkpoint["partial_epoch"])
         except (KeyError, ValueError, RuntimeError, TypeError) as error:
             raise UserError(f"{path} cannot be resumed with these flags ({error})") from None
-        self.sums = {"loss": torch.tensor(partial["loss"], device=self.device),
-                     "correct": torch.tensor(partial["correct"], device=self.device),
-                     "count": partial["count"], "seconds": partial["seconds"]}
 
     def save(self):
         if is_main_process():
@@ -1269,11 +1206,7 @@ def save_atomically(obj, path, writer):
 
 
 def save_json(obj, path):
-    def write(o, p):
-        with open(p, "w") as f:
-            json.dump(o, f, indent=2)
-            f.write("\n")
-    save_atomically(obj, path, write)
+    save_atomically(obj, path, lambda o, p: p.write_text(json.dumps(o, indent=2) + "\n"))
 
 
 def save_pictures(out, history=None, confusion=None, final_accuracy=None, classes=CLASSES):
@@ -1353,10 +1286,8 @@ def plain_args(args):
 def prepare_out_dir(args, script_name):
     """Decide --out and refuse to clobber an earlier run. Creates nothing yet."""
     if args.out is None:
-        if args.resume:
-            return Path(args.resume).parent
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / f"{script_name}-{stamp}"
+        return Path(args.resume).parent if args.resume else \
+            Path("runs") / f"{script_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
@@ -1373,19 +1304,14 @@ def prepare_out_dir(args, script_name):
 
 
 class Recipe:
-    """What a script supplies: its model, optimizer, loss and inference.
+    """What a script supplies: its model, optimizer, loss and inference."""
 
-    name identifies the script's checkpoints; architecture_flags are the flags that shape
-    the model (read back from a checkpoint for --eval-only and --predict); mean and std
-    normalise the input; input_size is the side of the model's input images.
-    """
-
-    name = "model"
+    name = "model"  # identifies the script's checkpoints
     script = "train.py"
-    architecture_flags = ()
+    architecture_flags = ()  # the flags that shape the model, read back from its checkpoint
     constant_names = ()  # the script's numbers that no flag sets, saved in its checkpoints
-    mean, std = CIFAR10_MEAN, CIFAR10_STD
-    input_size = 32
+    mean, std = CIFAR10_MEAN, CIFAR10_STD  # normalise the input
+    input_size = 32  # the side of the model's input images
     classes = CLASSES  # the data's (or the checkpoint's) class names, set before build_model
 
     def __init__(self, args):
@@ -1419,9 +1345,8 @@ class Recipe:
         return None
 
     def frozen_backbone_and_head(self, model):
-        """(backbone, head) when only the head (a module of model) learns, on the output of
-        a frozen backbone that can be computed once (backbone: model input -> head input);
-        else None."""
+        """(backbone, head) when only the head (a module of model) learns, on the output of a
+        frozen backbone computed once (backbone: model input -> head input); else None."""
         return None
 
     def loss(self, logits, labels):
@@ -1512,10 +1437,8 @@ def fit_logistic(x, labels, n_classes, l2, start=None):
 
 def train_one_epoch(trainer, signals, progress):
     """Train the rest of the current epoch, following trainer.plan; returns its statistics.
-
     The running sums live on the trainer, so an epoch interrupted mid-way is saved and
-    resumed with the same statistics it would have had uninterrupted.
-    """
+    resumed with the same statistics it would have had uninterrupted."""
     t, recipe = trainer, trainer.recipe
     recipe.set_train_mode(t.model)
     started = time.perf_counter()  # each step's time includes waiting for its batch
@@ -1548,11 +1471,8 @@ def train_one_epoch(trainer, signals, progress):
 @torch.no_grad()
 def evaluate(model, logits, inputs, labels, model_input, device, precision, classes):
     """Accuracy, mean loss and confusion matrix of logits(model, model_input(inputs[i:j])),
-    sharded across ranks and summed exactly.
-
-    The sums are float32 on the device (MPS has no float64, and older MPS builds no int64
-    index_add_); they are exact for counts below 2**24 and are read once, at the end.
-    """
+    sharded across ranks and summed exactly: float32 sums on the device (MPS has no float64,
+    and older MPS builds no int64 index_add_), exact for counts below 2**24, read once."""
     model.eval()
     start, end = shard(len(labels), *rank_and_world_size())
     n_classes = len(classes)
@@ -1601,9 +1521,7 @@ def fit(trainer, signals):
                               desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", unit="step") as progress:
                 with signals.deferred():  # a signal stops the epoch between two steps
                     stats = train_one_epoch(trainer, signals, progress)
-        trainer.sync_ranks()  # every rank then evaluates the model that is saved
-        result = evaluate(source.eval_module, trainer.recipe.logits, test_inputs, test_labels,
-                          source.test_input, trainer.device, trainer.precision, trainer.classes)
+        result = trainer.evaluate(test_inputs, test_labels)
         with signals.deferred():  # the epoch's state changes and is saved as a whole
             record = trainer.end_epoch(stats, result["test_accuracy"], len(test_labels), scored,
                                        time.perf_counter() - wall_start)
@@ -1620,10 +1538,7 @@ def finish(trainer, started):
     source = trainer.source
     if trainer.averager:
         trainer.averager.finish(trainer.model)
-    trainer.sync_ranks()
-    result = evaluate(source.eval_module, functools.partial(trainer.recipe.logits, final=True),
-                      source.test_inputs, trainer.test_labels, source.test_input,
-                      trainer.device, trainer.precision, trainer.classes)
+    result = trainer.evaluate(source.test_inputs, trainer.test_labels, final=True)
     metrics = {
         **result, "epochs": trainer.history, "train_seconds": trainer.train_seconds,
         "images_per_second": trainer.images_seen / max(trainer.train_seconds, 1e-9),
@@ -1716,8 +1631,8 @@ def train(args, checkpoint, recipe, device, precision, started, signals):
         fit(trainer, signals)
         if trainer.epoch < trainer.epochs:
             log(f"stopped after epoch {trainer.epoch} of {trainer.epochs} as asked. {resume_line}")
-            return 0
-        finish(trainer, started)
+        else:
+            finish(trainer, started)
         return 0
     except Interrupted as interrupted:  # a second signal here ends the process unsaved
         trainer.save()
@@ -1738,10 +1653,9 @@ def place_data(data, device):
 
 def images_fit_on(device, nbytes):
     """Whether a GPU's free memory holds the images with room to train; a CPU's (and Apple
-    MPS's, which shares it) is the host memory that check_memory checked."""
-    if device.type != "cuda":
-        return True
-    return nbytes <= DEVICE_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]
+    MPS's, which shares it) is the host memory that decode_folders checked."""
+    return device.type != "cuda" or \
+        nbytes <= DEVICE_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]
 
 
 def check_same_classes(checkpoint, classes, path):
@@ -1831,23 +1745,19 @@ def export(module, path, image_size, classes):
         raise UserError(f"--export {path} is a directory, not a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_export(module, path, example, batch, list(classes))
+        with torch.no_grad():
+            if path.suffix == ".onnx":
+                program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
+                                            output_names=["logits"], dynamic_shapes=(batch,))
+                program.model.metadata_props["classes"] = json.dumps(list(classes))
+                save_atomically(program, path, lambda p, tmp: p.save(str(tmp)))
+            else:
+                program = torch.export.export(module, (example,), dynamic_shapes=(batch,))
+                with warnings.catch_warnings():  # torch's own notice about CPU weights: ours are
+                    warnings.filterwarnings("ignore", "No complete tensor found")
+                    save_atomically(program, path, lambda p, tmp: torch.export.save(p, str(tmp)))
+                save_json(list(classes), path.with_suffix(".classes.json"))
     except OSError as error:
         raise UserError(f"--export {path}: cannot write there ({error.strerror})") from None
     log(f"exported to {path}: uint8 images (N, {image_size}, {image_size}, 3) -> "
         f"(N, {len(classes)}) logits for {', '.join(classes)}")
-
-
-def write_export(module, path, example, batch, classes):
-    with torch.no_grad():
-        if path.suffix == ".onnx":
-            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
-                                        output_names=["logits"], dynamic_shapes=(batch,))
-            program.model.metadata_props["classes"] = json.dumps(classes)
-            save_atomically(program, path, lambda p, tmp: p.save(str(tmp)))
-        else:
-            program = torch.export.export(module, (example,), dynamic_shapes=(batch,))
-            with warnings.catch_warnings():  # torch's own notice about CPU weights: ours are
-                warnings.filterwarnings("ignore", "No complete tensor found")
-                save_atomically(program, path, lambda p, tmp: torch.export.save(p, str(tmp)))
-            save_json(classes, path.with_suffix(".classes.json"))
