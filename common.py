@@ -812,7 +812,7 @@ def crop_flip(images, shifts, flips):
 # (eval_module); batches() makes the inputs of the steps it is given (a source whose
 # solves_head is true has none: solve_head fits its head); test_inputs (and val_inputs,
 # None without a val/ split) and test_input() are the evaluation's inputs and what turns a
-# slice of them into the evaluated module's input; setup() is any work before the first
+# slice of them, on the device, into the evaluated module's input; setup() is any work before the first
 # epoch. Adding a way of feeding the model means adding a source and one line to
 # make_input_source.
 
@@ -838,9 +838,7 @@ class DeviceBatches:
         self.on_device = self.train_images.device.type == device.type  # else on the host (place_data)
         self.train_module = self.eval_module = model
         self.test_inputs, self.val_inputs = data["test_images"], data.get("val_images")
-
-    def test_input(self, images):
-        return self.recipe.model_input(images.to(self.device, non_blocking=True))
+        self.test_input = recipe.model_input
 
     def setup(self, poll):
         pass
@@ -1471,6 +1469,7 @@ def train_one_epoch(trainer, signals, progress):
 @torch.no_grad()
 def evaluate(model, logits, inputs, labels, model_input, device, precision, classes):
     """Accuracy, mean loss and confusion matrix of logits(model, model_input(inputs[i:j])),
+    each slice moved to the device first (inputs may stay in host memory: place_data),
     sharded across ranks and summed exactly: float32 sums on the device (MPS has no float64,
     and older MPS builds no int64 index_add_), exact for counts below 2**24, read once."""
     model.eval()
@@ -1480,7 +1479,8 @@ def evaluate(model, logits, inputs, labels, model_input, device, precision, clas
     for i in range(start, end, EVAL_BATCH_SIZE):
         batch_labels = labels[i:min(i + EVAL_BATCH_SIZE, end)]
         with precision.autocast():
-            batch_logits = logits(model, model_input(inputs[i:min(i + EVAL_BATCH_SIZE, end)]))
+            batch = inputs[i:min(i + EVAL_BATCH_SIZE, end)].to(device, non_blocking=True)
+            batch_logits = logits(model, model_input(batch))
         sums[-1] += F.cross_entropy(batch_logits.float(), batch_labels, reduction="sum")
         sums.index_add_(0, batch_labels * n_classes + batch_logits.argmax(1),
                         torch.ones(len(batch_labels), device=device))
@@ -1685,9 +1685,10 @@ def run_from_checkpoint(args, recipe, device, precision, started):
     out = prepare_out_dir(args, recipe.name)
     data = load_dataset(args.data_dir, recipe.input_size, args.subset, DiskCache(args.cache))
     check_same_classes(checkpoint, data["classes"], args.checkpoint)
-    test_images, test_labels = data["test_images"].to(device), data["test_labels"].to(device)
-    result = evaluate(model, functools.partial(recipe.logits, final=True), test_images,
-                      test_labels, recipe.model_input, device, precision, recipe.classes)
+    test = place_data({"test_images": data["test_images"], "test_labels": data["test_labels"]},
+                      device)
+    result = evaluate(model, functools.partial(recipe.logits, final=True), test["test_images"],
+                      test["test_labels"], recipe.model_input, device, precision, recipe.classes)
     metrics = {**result, "checkpoint": str(args.checkpoint), "epochs": checkpoint["history"],
                "device": str(device), "precision": precision.name,
                "total_seconds": time.perf_counter() - started, "args": plain_args(args)}
@@ -1696,8 +1697,8 @@ def run_from_checkpoint(args, recipe, device, precision, started):
         save_json(metrics, out / "metrics.json")
         if not args.no_plots:
             save_pictures(out, confusion=result["confusion_matrix"], classes=recipe.classes)
-    log(f"test accuracy {100 * result['test_accuracy']:.2f}% on {len(test_labels)} test images "
-        f"({args.checkpoint}); metrics in {out / 'metrics.json'}")
+    log(f"test accuracy {100 * result['test_accuracy']:.2f}% on {len(data['test_labels'])} "
+        f"test images ({args.checkpoint}); metrics in {out / 'metrics.json'}")
     return 0
 
 
