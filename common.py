@@ -161,6 +161,23 @@ def positive_float(text):
     return value
 
 
+def epoch_count(text):
+    """argparse type of --epochs: a positive number, kept an int when it is one."""
+    value = positive_float(text)
+    return int(value) if value.is_integer() else value
+
+
+def jitter_ranges(text):
+    """argparse type of --jitter: 'B,C', two numbers, B >= 0 and 0 <= C < 1."""
+    try:
+        brightness, contrast = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers B,C such as 0.1,0.1, got {text}")
+    if not (brightness >= 0 and 0 <= contrast < 1):
+        raise argparse.ArgumentTypeError(f"expected B >= 0 and 0 <= C < 1, got {text}")
+    return brightness, contrast
+
+
 def make_parser(description, defaults, lr_help):
     """The flags both scripts share, in --help groups, with the script's defaults (epochs,
     batch_size, lr, momentum, weight_decay, label_smoothing, translate, flip) and what its
@@ -181,14 +198,18 @@ def make_parser(description, defaults, lr_help):
     data("--flip", choices=("alternate", "random", "none"), default=defaults["flip"],
          help="horizontal flips: each image every other epoch, coin flips, or none "
               "(default: %(default)s)")
+    data("--jitter", type=jitter_ranges, default=defaults.get("jitter", "0,0"),
+         metavar="B,C", help="colour jitter of each training image: a brightness shift of up "
+         "to B and a contrast factor within 1 +- C, in normalised pixel units; 0,0 turns it "
+         "off (default: %(default)s)")
     data("--cache", default=default_cache_dir(), metavar="DIR|none",
          help="where decoded images (and the ResNet's frozen features) are kept between runs, "
               "so that later runs read them instead of decoding PNG files or running the "
               "backbone again; none turns it off (default: %(default)s)")
     schedule = parser.add_argument_group("schedule").add_argument
-    schedule("--epochs", type=positive_int, default=defaults["epochs"],
-             help="passes over the training set; the learning-rate schedule spans all of them "
-                  "(default: %(default)s)")
+    schedule("--epochs", type=epoch_count, default=defaults["epochs"],
+             help="passes over the training set, a fraction allowed (6.5: the last one half as "
+                  "long); the learning-rate schedule spans all of them (default: %(default)s)")
     schedule("--batch-size", type=positive_int, default=defaults["batch_size"],
              help="images per optimizer step, summed over all processes under torchrun "
                   "(default: %(default)s)")
@@ -264,7 +285,7 @@ def check_args(args):
     if args.export and Path(args.export).suffix not in (".onnx", ".pt2"):
         raise UserError(f"--export {args.export}: the file name must end in .onnx (ONNX) or "
                         f".pt2 (torch.export)")
-    if args.stop_after is not None and args.stop_after > args.epochs:
+    if args.stop_after is not None and args.stop_after > math.ceil(args.epochs):
         raise UserError(f"--stop-after {args.stop_after} is beyond --epochs {args.epochs}")
     if args.eval_images < 0:
         raise UserError(f"--eval-images {args.eval_images} must be 0 (all) or more")
@@ -776,7 +797,7 @@ class EpochPlan:
     CPU generator: the epoch is then reproducible from the generator's state alone, which is
     what exact resume needs."""
 
-    def __init__(self, n, generator, translate, flip, epoch, flip_seed):
+    def __init__(self, n, generator, translate, flip, epoch, flip_seed, jitter=(0.0, 0.0)):
         self.translate = translate  # pixels of shift at most
         self.order = torch.randperm(n, generator=generator)
         self.shifts = torch.randint(-translate, translate + 1, (n, 2), generator=generator)
@@ -790,6 +811,10 @@ class EpochPlan:
             self.flips = start ^ bool(epoch % 2)
         else:
             self.flips = torch.zeros(n, dtype=torch.bool)
+        self.brightness = self.contrast = None  # colour jitter, drawn only when it is on
+        if any(jitter):
+            brightness, contrast = (torch.rand(n, 2, generator=generator) * 2 - 1).unbind(1)
+            self.brightness, self.contrast = jitter[0] * brightness, 1 + jitter[1] * contrast
 
 
 def crop_flip(images, shifts, flips):
@@ -804,6 +829,12 @@ def crop_flip(images, shifts, flips):
     cols = torch.where(flips[:, None], (width - 1) - cols, cols)
     batch = torch.arange(n, device=images.device)[:, None, None]
     return images[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def jitter_colours(x, brightness, contrast):
+    """Shift each normalised NCHW image by its brightness and scale it by its contrast: the
+    network learns that the exposure and contrast of a photo say nothing of its class."""
+    return (x + brightness[:, None, None, None]) * contrast[:, None, None, None]
 
 # -----------------------------------------------------------------------------
 # Input sources: where each training step's inputs come from
@@ -851,8 +882,10 @@ class DeviceBatches:
             if not self.on_device:
                 images = (images.pin_memory() if self.device.type == "cuda" else images).to(
                     self.device, non_blocking=True)
-            yield step, idx, self.recipe.model_input(crop_flip(
-                images, plan.shifts[idx], plan.flips[idx]))
+            inputs = self.recipe.model_input(crop_flip(images, plan.shifts[idx], plan.flips[idx]))
+            if plan.brightness is not None:
+                inputs = jitter_colours(inputs, plan.brightness[idx], plan.contrast[idx])
+            yield step, idx, inputs
 
     def metrics(self):
         return {}
@@ -977,9 +1010,11 @@ class Trainer:
             raise UserError(f"each step would give a process {self.batch_size // self.world_size} "
                             f"image, too few for BatchNorm (it needs 2 or more): raise {short}")
         self.steps_per_epoch = n // self.batch_size  # the last partial batch is dropped
-        # A frozen backbone's head is solved in one pass (solve_head), other models train by epochs
-        self.epochs = 1 if source.solves_head else args.epochs
-        self.total_steps = self.steps_per_epoch * self.epochs
+        # A frozen backbone's head is solved in one pass (solve_head), other models train by
+        # epochs, the last of which may be cut short (--epochs 6.5)
+        self.planned_epochs = 1 if source.solves_head else args.epochs
+        self.epochs = math.ceil(self.planned_epochs)
+        self.total_steps = max(1, round(self.steps_per_epoch * self.planned_epochs))
         self.train_labels, self.test_labels = data["train_labels"], data["test_labels"]
         self.val_labels = data.get("val_labels")
         self.classes, self.image_size = data["classes"], data["image_size"]
@@ -1012,16 +1047,21 @@ class Trainer:
         self.data_rng.set_state(self.epoch_rng_state)
         shift = round(self.args.translate * self.image_size / 32)  # --translate is in 32x32 pixels
         plan = EpochPlan(len(self.train_labels), self.data_rng, shift, self.args.flip,
-                         self.epoch, self.args.seed + 1)
+                         self.epoch, self.args.seed + 1, self.args.jitter)
         plan.host_order = plan.order
-        plan.order, plan.shifts, plan.flips = (x.to(self.device) for x in
-                                               (plan.order, plan.shifts, plan.flips))
+        for name in ("order", "shifts", "flips", "brightness", "contrast"):
+            if getattr(plan, name) is not None:
+                setattr(plan, name, getattr(plan, name).to(self.device))
         self.plan = plan
+
+    @property
+    def steps_this_epoch(self):
+        return min(self.steps_per_epoch, self.total_steps - self.epoch * self.steps_per_epoch)
 
     def steps_left(self):
         """(step, the rows of plan.order that are this rank's images) for the steps left."""
         local = self.batch_size // self.world_size
-        for step in range(self.step_in_epoch, self.steps_per_epoch):
+        for step in range(self.step_in_epoch, self.steps_this_epoch):
             start = step * self.batch_size + self.rank * local
             yield step, slice(start, start + local)
 
@@ -1361,9 +1401,10 @@ class Recipe:
     def set_train_mode(self, model):
         model.train()
 
-    def logits(self, model, inputs, final=False):
-        """The logits of model inputs; final: for the last evaluation of a run, --eval-only
-        and --predict, where a recipe may add test-time augmentation."""
+    def logits(self, model, inputs, final=False, per_image=False):
+        """The logits of model inputs; final: for the last evaluation of a run, --eval-only,
+        --predict and export, where a recipe may add test-time augmentation; per_image: for
+        --predict and export, where no image's logits may depend on the others in its batch."""
         return model(inputs)
 
 
@@ -1457,7 +1498,7 @@ def train_one_epoch(trainer, signals, progress):
         t.sums["correct"] += (logits.detach().argmax(1) == labels).sum()
         t.sums["count"] += len(idx)
         t.step_in_epoch = step + 1
-        if t.step_in_epoch % t.read_every == 0 or t.step_in_epoch == t.steps_per_epoch:
+        if t.step_in_epoch % t.read_every == 0 or t.step_in_epoch == t.steps_this_epoch:
             loss_sum = t.poll(signals)  # on a GPU: waits for the queued steps, so it is timed too
             progress.set_postfix(loss=f"{loss_sum / t.sums['count']:.3f}", refresh=False)
         t.sums["seconds"] += time.perf_counter() - started
@@ -1517,8 +1558,9 @@ def fit(trainer, signals):
         if source.solves_head:
             stats = solve_head(trainer)
         else:
-            with progress_bar(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
-                              desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", unit="step") as progress:
+            with progress_bar(total=trainer.steps_this_epoch, initial=trainer.step_in_epoch,
+                              desc=f"epoch {trainer.epoch + 1}/{trainer.planned_epochs:g}",
+                              unit="step") as progress:
                 with signals.deferred():  # a signal stops the epoch between two steps
                     stats = train_one_epoch(trainer, signals, progress)
         result = trainer.evaluate(test_inputs, test_labels)
@@ -1526,7 +1568,7 @@ def fit(trainer, signals):
             record = trainer.end_epoch(stats, result["test_accuracy"], len(test_labels), scored,
                                        time.perf_counter() - wall_start)
             trainer.save()
-        log(epoch_line(record, trainer.epochs))
+        log(epoch_line(record, trainer.planned_epochs))
         if is_main_process() and not args.no_plots:
             save_pictures(trainer.out, trainer.history, result["confusion_matrix"],
                           classes=trainer.classes)
@@ -1566,7 +1608,7 @@ def progress_bar(**kwargs):
 
 def epoch_line(record, epochs):
     probe = f"  L2 {record['probe']['l2']:.0e} (of {len(PROBE_L2)})" if "probe" in record else ""
-    return (f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
+    return (f"epoch {record['epoch']:>3}/{epochs:g}  train loss {record['train_loss']:.4f}  "
             f"train acc {100 * record['train_accuracy']:5.2f}%  "
             f"{'val' if record['scored_on'] == 'val' else 'test'} acc "
             f"{100 * record['test_accuracy']:5.2f}% of {record['test_images']}  "
@@ -1708,7 +1750,7 @@ def predict_files(recipe, model, paths, image_size, device, precision):
     batch = torch.stack([torch.from_numpy(decode_image(path, image_size)) for path in paths])
     model.eval()
     with torch.no_grad(), precision.autocast():
-        logits = recipe.logits(model, recipe.model_input(batch.to(device)), final=True)
+        logits = recipe.logits(model, recipe.model_input(batch.to(device)), final=True, per_image=True)
     for path, p in zip(paths, logits.float().softmax(1).cpu()):
         top = p.topk(min(3, len(p)))
         ranked = ", ".join(f"{recipe.classes[i]} {100 * v:.1f}%" for v, i in zip(top.values, top.indices))
@@ -1726,7 +1768,8 @@ class Deployable(nn.Module):
         self.eval()
 
     def forward(self, images):
-        return self.recipe.logits(self.model, self.recipe.model_input(images), final=True)
+        return self.recipe.logits(self.model, self.recipe.model_input(images), final=True,
+                                  per_image=True)
 
 
 def export(module, path, image_size, classes):

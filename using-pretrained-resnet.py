@@ -62,8 +62,8 @@ def build_parser():
         help="only the new head learns, on a frozen backbone's features, computed once: a "
              "linear probe, fitted to convergence by L-BFGS on standardised features with the "
              "L2 strength chosen on a held-out tenth of the training images (--epochs, "
-             "--batch-size, --lr, --momentum, --weight-decay, --label-smoothing and "
-             "--translate do not apply) "
+             "--batch-size, --lr, --momentum, --weight-decay, --label-smoothing, "
+             "--translate and --jitter do not apply) "
              "(default: off)")
     add("--train-layers", type=int, choices=range(0, 5), default=None, metavar="K",
         help="train only the last K residual stages (0-4) and the head; the stem and the "
@@ -171,10 +171,12 @@ class ResNetRecipe(common.Recipe):
         self.backbone_weights = None
         if self.args.weights != "none" and not self.args.resume:  # a resumed run has its own
             self.backbone_weights = read_backbone_weights(self.args.weights)
-        if self.train_layers == 0 and self.args.translate:
+        unused = [flag for flag, on in (("--translate", self.args.translate),
+                                        ("--jitter", any(self.args.jitter))) if on]
+        if self.train_layers == 0 and unused:
             common.log(f"note: the frozen backbone's features are computed once, of each "
-                       f"training image and its mirror image: --translate {self.args.translate} "
-                       f"does not apply")
+                       f"training image and its mirror image: {' and '.join(unused)} "
+                       f"{'does' if len(unused) == 1 else 'do'} not apply")
 
     @property
     def input_size(self):

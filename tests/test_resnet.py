@@ -174,9 +174,12 @@ def test_a_missing_weights_file_is_reported_before_any_image_is_decoded(
     assert "weights file" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
-def test_freeze_says_that_translate_does_not_apply(resnet, image_folders, tmp_path, capsys):
+def test_freeze_says_that_translate_and_jitter_do_not_apply(resnet, image_folders, tmp_path, capsys):
     assert train(resnet, image_folders, tmp_path / "run", "--freeze", "--subset", "16") == 0
-    assert "--translate 4 does not apply" in capsys.readouterr().out
+    assert "--translate does not apply" in capsys.readouterr().out
+    assert train(resnet, image_folders, tmp_path / "both", "--freeze", "--subset", "16",
+                 "--jitter", "0.1,0.1") == 0
+    assert "--translate and --jitter do not apply" in capsys.readouterr().out
     assert train(resnet, image_folders, tmp_path / "quiet", "--freeze", "--subset", "16",
                  "--translate", "0") == 0
     assert "does not apply" not in capsys.readouterr().out

@@ -364,7 +364,7 @@ PHASES = {
     "drawing the pictures": ("cnn", lambda cnn, resnet: (common, "draw_curves"), True),
     "writing metrics.json": ("cnn", lambda cnn, resnet: (common, "save_json"), True),
 }
-WHEN = {"the final evaluation": lambda model, x, level: level > 0}
+WHEN = {"the final evaluation": lambda model, x, level, share=1.0: level > 0}
 
 
 @pytest.mark.parametrize("phase", PHASES)

@@ -103,3 +103,54 @@ def test_whitening_layer_decorrelates_patches(cnn, image_folders):
     out = torch.nn.functional.conv2d(images, conv.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
     covariance = out.double().T @ out.double() / len(out)
     assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3)
+
+
+def test_colour_jitter_shifts_and_scales_each_image_within_its_ranges():
+    generator = torch.Generator().manual_seed(0)
+    plan = common.EpochPlan(1000, generator, 2, "alternate", 0, 1, jitter=(0.1, 0.2))
+    assert plan.brightness.abs().max() <= 0.1 and plan.brightness.abs().max() > 0.09
+    assert (plan.contrast - 1).abs().max() <= 0.2 and (plan.contrast - 1).abs().max() > 0.19
+    images = torch.randn(1000, 3, 4, 4)
+    out = common.jitter_colours(images, plan.brightness, plan.contrast)
+    for i in (0, 500):
+        assert torch.allclose(out[i], (images[i] + plan.brightness[i]) * plan.contrast[i])
+    # Off, it draws nothing: the order, shifts and flips of every later epoch stay as they were
+    plain = [common.EpochPlan(10, torch.Generator().manual_seed(0), 2, "random", 0, 1, jitter)
+             for jitter in ((0.0, 0.0), (0.0, 0.0))]
+    assert plain[0].brightness is None and torch.equal(plain[0].order, plain[1].order)
+
+
+def test_selective_tta_gives_the_six_views_to_the_least_confident_share_only(cnn):
+    torch.manual_seed(0)
+    model = cnn.SimpleCNN((8, 16, 16)).eval()
+    x = torch.randn(20, 3, 32, 32)
+    with torch.no_grad():
+        plain, full = (cnn.mirror_and_shift_logits(model, x, level) for level in (0, 2))
+        selective = cnn.mirror_and_shift_logits(model, x, 2, share=0.25)
+        assert torch.equal(cnn.mirror_and_shift_logits(model, x, 2, share=1.0), full)
+    unsure = plain.softmax(1).amax(1).argsort()[:5]  # 25% of 20 images
+    sure = plain.softmax(1).amax(1).argsort()[5:]
+    assert torch.allclose(selective[unsure], full[unsure], atol=1e-6)
+    assert torch.equal(selective[sure], plain[sure])
+    assert not torch.allclose(full[unsure], plain[unsure])
+
+
+def test_a_fraction_of_an_epoch_cuts_the_last_one_short(cnn, image_folders, tmp_path, capsys):
+    # 120 images in batches of 32: 3 steps an epoch, so 1.5 epochs are round(4.5) = 4 steps
+    assert train(cnn, image_folders, tmp_path / "run", "--epochs", "1.5") == 0
+    assert "epoch   2/1.5" in capsys.readouterr().out
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 4
+    assert checkpoint["images_seen"] == 4 * 32
+
+
+def test_lookahead_keeps_the_steps_after_its_last_multiple_of_five(cnn):
+    model = torch.nn.Linear(2, 2)
+    lookahead = cnn.Lookahead(model)
+    start = model.weight.detach().clone()
+    for step in (1, 2, 3):  # a 3-step run: no multiple of 5, but its last step is pulled
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        lookahead.step(model, step, total_steps=3)
+    lookahead.finish(model)
+    assert not torch.equal(model.weight, start)
