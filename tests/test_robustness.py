@@ -191,7 +191,10 @@ def test_data_dir_that_is_a_file(cnn, tmp_path, capsys):
 
 
 BAD_FLAGS = {
-    "zero epochs": (["--epochs", "0"], "must be a positive integer"),
+    "zero epochs": (["--epochs", "0"], "must be a positive number"),
+    "one jitter range": (["--jitter", "0.1"], "expected two numbers B,C"),
+    "full contrast jitter": (["--jitter", "0.1,1"], "expected B >= 0 and 0 <= C < 1"),
+    "no images for the TTA": (["--tta-share", "0"], "expected a fraction in (0, 1]"),
     "negative batch": (["--batch-size", "-4"], "must be a positive integer"),
     "huge subset": (["--subset", "100000"], "larger than the 120 training images"),
     "no cuda": (["--device", "cuda"], "no CUDA GPU"),
