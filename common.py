@@ -180,8 +180,8 @@ def jitter_ranges(text):
 
 def make_parser(description, defaults, lr_help):
     """The flags both scripts share, in --help groups, with the script's defaults (epochs,
-    batch_size, lr, momentum, weight_decay, label_smoothing, translate, flip) and what its
-    --lr sets. Returns (parser, recipe group), to which each script adds its own flags."""
+    batch_size, lr, momentum, weight_decay, label_smoothing, translate, flip, jitter) and what
+    its --lr sets. Returns (parser, recipe group), to which each script adds its own flags."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data").add_argument
@@ -198,7 +198,7 @@ def make_parser(description, defaults, lr_help):
     data("--flip", choices=("alternate", "random", "none"), default=defaults["flip"],
          help="horizontal flips: each image every other epoch, coin flips, or none "
               "(default: %(default)s)")
-    data("--jitter", type=jitter_ranges, default=defaults.get("jitter", "0,0"),
+    data("--jitter", type=jitter_ranges, default=defaults["jitter"],
          metavar="B,C", help="colour jitter of each training image: a brightness shift of up "
          "to B and a contrast factor within 1 +- C, in normalised pixel units; 0,0 turns it "
          "off (default: %(default)s)")

@@ -42,11 +42,12 @@ LABEL_SMOOTHING = 0.1  # weight moved from the true class to the others
 WARMUP = 0.1           # fraction of the steps spent warming up, then cosine decay to zero
 TRANSLATE = 4          # pixels of random shift at 32x32, before the resize
 FLIP = "random"        # coin flips
+JITTER = "0,0"         # no colour jitter: it has not been measured for fine-tuning
 IMAGE_SIZE = 224       # pixels: the size the ImageNet weights were trained at
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 DEFAULTS = dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, momentum=MOMENTUM,
                 weight_decay=WEIGHT_DECAY, label_smoothing=LABEL_SMOOTHING,
-                translate=TRANSLATE, flip=FLIP)
+                translate=TRANSLATE, flip=FLIP, jitter=JITTER)
 
 
 def build_parser():
