@@ -797,13 +797,10 @@ class EpochPlan:
     CPU generator: the epoch is then reproducible from the generator's state alone, which is
     what exact resume needs."""
 
-    def __init__(self, n, generator, translate, flip, epoch, flip_seed, jitter=(0.0, 0.0),
-                 crop=None, side=None):
+    def __init__(self, n, generator, translate, flip, epoch, flip_seed, jitter=(0.0, 0.0)):
         self.translate = translate  # pixels of shift at most
-        self.crop = crop  # the side of the square window each image is cut to, or None: whole
-        room = 0 if crop is None else side - crop  # where a window may start, before its shift
         self.order = torch.randperm(n, generator=generator)
-        self.shifts = torch.randint(-translate, translate + room + 1, (n, 2), generator=generator)
+        self.shifts = torch.randint(-translate, translate + 1, (n, 2), generator=generator)
         if flip == "random":
             self.flips = torch.rand(n, generator=generator) < 0.5
         elif flip == "alternate":
@@ -820,14 +817,13 @@ class EpochPlan:
             self.brightness, self.contrast = jitter[0] * brightness, 1 + jitter[1] * contrast
 
 
-def crop_flip(images, shifts, flips, size=None):
+def crop_flip(images, shifts, flips):
     """Translate each NHWC image by (dy, dx), reflecting at the border, and mirror some, in
     one gather: the source row and column of every output pixel are computed from the
-    shift, reflected back inside the image, and reversed for flipped images. With size, the
-    output is the size x size window whose top left corner the shift moved to (dy, dx)."""
+    shift, reflected back inside the image, and reversed for flipped images."""
     n, height, width, _ = images.shape
-    rows = shifts[:, :1] + torch.arange(size or height, device=images.device)  # (n, H)
-    cols = shifts[:, 1:] + torch.arange(size or width, device=images.device)   # (n, W)
+    rows = shifts[:, :1] + torch.arange(height, device=images.device)  # (n, H)
+    cols = shifts[:, 1:] + torch.arange(width, device=images.device)   # (n, W)
     rows = (height - 1) - ((height - 1) - rows.abs()).abs()  # reflect at both edges
     cols = (width - 1) - ((width - 1) - cols.abs()).abs()
     cols = torch.where(flips[:, None], (width - 1) - cols, cols)
@@ -886,9 +882,7 @@ class DeviceBatches:
             if not self.on_device:
                 images = (images.pin_memory() if self.device.type == "cuda" else images).to(
                     self.device, non_blocking=True)
-            window = crop_flip(images, plan.shifts[idx], plan.flips[idx], plan.crop)
-            # a crop trains at its own size (a convolutional network takes any): no resize
-            inputs = self.recipe.model_input(window, resize=plan.crop is None)
+            inputs = self.recipe.model_input(crop_flip(images, plan.shifts[idx], plan.flips[idx]))
             if plan.brightness is not None:
                 inputs = jitter_colours(inputs, plan.brightness[idx], plan.contrast[idx])
             yield step, idx, inputs
@@ -1053,8 +1047,7 @@ class Trainer:
         self.data_rng.set_state(self.epoch_rng_state)
         shift = round(self.args.translate * self.image_size / 32)  # --translate is in 32x32 pixels
         plan = EpochPlan(len(self.train_labels), self.data_rng, shift, self.args.flip,
-                         self.epoch, self.args.seed + 1, self.args.jitter,
-                         self.recipe.train_crop(self.epoch), self.image_size)
+                         self.epoch, self.args.seed + 1, self.args.jitter)
         plan.host_order = plan.order
         for name in ("order", "shifts", "flips", "brightness", "contrast"):
             if getattr(plan, name) is not None:
@@ -1397,19 +1390,13 @@ class Recipe:
     def loss(self, logits, labels):
         return F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
 
-    def model_input(self, images_uint8, resize=True):
-        """A uint8 NHWC batch on the device -> the model's float input at input_size (resize
-        False: at the batch's own size)."""
+    def model_input(self, images_uint8):
+        """A uint8 NHWC batch on the device -> the model's float input at input_size."""
         x = to_float(images_uint8, self.mean, self.std)
-        if resize and x.shape[-1] != self.input_size:  # images kept smaller than the model's input
+        if x.shape[-1] != self.input_size:  # images kept smaller than the model's input
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
             x = x.contiguous(memory_format=torch.channels_last)
         return x
-
-    def train_crop(self, epoch):
-        """The side, in pixels of the kept images, of the random square crops that the
-        training images of epoch (counted from 0) are cut to; None: whole images."""
-        return None
 
     def set_train_mode(self, model):
         model.train()

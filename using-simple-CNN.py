@@ -47,8 +47,6 @@ FLIP = "alternate"     # each image mirrored every other epoch
 TTA = 2                # final evaluation: mirror and 1-pixel shifts
 TTA_SHARE = 0.25       # ...of the least confident quarter of the test images only: the rest seldom change
 JITTER = "0.14,0.13"   # colour jitter: brightness shift and contrast factor range, normalised units
-CROP_EPOCHS = 0        # first epochs on random crops (off: the defaults train on whole images)
-CROP = 24              # side of those crops, pixels: 0.56x the pixels, about half an epoch's time
 WIDTHS = "64,256,256"  # channels of the three conv blocks
 BN_MOMENTUM = 0.4      # running statistics follow fast: the weights change fast in a short run
 BN_EPS = 1e-12        # next to nothing: the batch statistics themselves set the scale
@@ -77,11 +75,6 @@ def build_parser():
         help="fraction of the steps in which the learning rate rises linearly from "
              f"{TRIANGLE['start']} of its peak; after that it falls linearly to "
              f"{TRIANGLE['end']} of it (default: %(default)s: it starts at the peak)")
-    add("--crop-epochs", type=int, default=CROP_EPOCHS, metavar="K",
-        help=f"the first K epochs train on random {CROP}x{CROP} crops of the shifted and "
-             "mirrored images, which take about half the time of whole ones; early "
-             "epochs learn coarse features, which parts of images teach as well; the later "
-             "epochs and every evaluation see whole images (default: %(default)s)")
     add("--widths", default=WIDTHS, help="channels of the three conv blocks (default: %(default)s)")
     add("--tta", type=int, choices=(0, 1, 2), default=TTA,
         help="test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror and "
@@ -293,16 +286,12 @@ class CNNRecipe(common.Recipe):
     constant_names = ("BIAS_LR_SCALE", "TRIANGLE", "BN_MOMENTUM", "BN_EPS", "OUTPUT_DIVISOR",
                       "WHITEN_IMAGES", "WHITEN_EPS", "WHITEN_BIAS_EPOCHS", "LOOKAHEAD_EVERY",
                       "LOOKAHEAD_DECAY", "MUON_LR", "MUON_MOMENTUM", "NEWTON_SCHULZ_STEPS",
-                      "NEWTON_SCHULZ", "CROP")
+                      "NEWTON_SCHULZ")
     mean, std = common.CIFAR10_MEAN, common.CIFAR10_STD
 
     def check_args(self):
         if not 0 <= self.args.warmup < 1:
             raise common.UserError(f"--warmup {self.args.warmup}: expected a fraction in [0, 1)")
-        if not 0 <= self.args.crop_epochs < self.args.epochs:
-            raise common.UserError(f"--crop-epochs {self.args.crop_epochs}: expected 0 or more "
-                                   f"and fewer than --epochs {self.args.epochs:g}, so that the "
-                                   "last epochs see whole images")
         if not 0 < self.args.tta_share <= 1:
             raise common.UserError(f"--tta-share {self.args.tta_share}: expected a fraction in (0, 1]")
         widths = self.args.widths.split(",")
@@ -348,9 +337,6 @@ class CNNRecipe(common.Recipe):
         factors = [factor, whiten_factor] + [factor] * (len(optimizer.param_groups) - 2)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return optimizer, scheduler
-
-    def train_crop(self, epoch):
-        return CROP if epoch < self.args.crop_epochs else None
 
     def build_averager(self, model):
         # Made once the model sits on its device, so the averages live there too.

@@ -33,8 +33,7 @@ def assert_same_run(straight, resumed):
         [(e["train_loss"], e["test_accuracy"]) for e in mb["epochs"]]
 
 
-@pytest.mark.parametrize("script, fast", [("cnn", CNN_FAST), ("resnet", RESNET_FAST),
-                                          ("cnn", CNN_FAST + ["--crop-epochs", "2"])])
+@pytest.mark.parametrize("script, fast", [("cnn", CNN_FAST), ("resnet", RESNET_FAST)])
 def test_stop_after_then_resume_equals_straight_run(script, fast, request, image_folders, tmp_path):
     main = request.getfixturevalue(script).main
     base = ["--data-dir", str(image_folders), *fast, "--epochs", "3", "--subset", "64"]
@@ -196,8 +195,6 @@ BAD_FLAGS = {
     "one jitter range": (["--jitter", "0.1"], "expected two numbers B,C"),
     "full contrast jitter": (["--jitter", "0.1,1"], "expected B >= 0 and 0 <= C < 1"),
     "no images for the TTA": (["--tta-share", "0"], "expected a fraction in (0, 1]"),
-    "crops to the end": (["--epochs", "2", "--crop-epochs", "2"], "fewer than --epochs 2"),
-    "negative crop epochs": (["--crop-epochs", "-1"], "expected 0 or more"),
     "negative batch": (["--batch-size", "-4"], "must be a positive integer"),
     "huge subset": (["--subset", "100000"], "larger than the 120 training images"),
     "no cuda": (["--device", "cuda"], "no CUDA GPU"),

@@ -94,33 +94,6 @@ def test_augmentation_translates_with_reflection_and_flips():
     assert torch.equal(out[1, 3, 1:], images[1, 2, :3])      # row 4 reflects to row 2
 
 
-def test_crops_are_windows_of_the_shifted_image_anywhere_in_it():
-    images = torch.arange(3 * 8 * 8, dtype=torch.int64).view(3, 8, 8, 1)
-    shifts, flips = torch.tensor([[0, 0], [4, 3], [-1, 5]]), torch.tensor([False, False, True])
-    out = common.crop_flip(images, shifts, flips, size=4)
-    assert out.shape == (3, 4, 4, 1)
-    assert torch.equal(out[0], images[0, :4, :4])            # the top left window
-    assert torch.equal(out[1], images[1, 4:, 3:7])           # 4 rows down, 3 columns right
-    mirrored = images[2].flip(1)                             # a flipped image's window
-    assert torch.equal(out[2, 1:, :3], mirrored[:3, 5:8])    # row -1 reflects to row 1
-    assert torch.equal(out[2, 0, :3], mirrored[1, 5:8])
-    # An epoch plan's windows start anywhere the crop fits, give or take the translation
-    plan = common.EpochPlan(4000, torch.Generator().manual_seed(0), 2, "none", 0, 1, crop=24, side=32)
-    assert plan.crop == 24 and plan.shifts.min() == -2 and plan.shifts.max() == 8 + 2
-
-
-def test_crop_epochs_train_on_crops_then_on_whole_images(cnn, image_folders, tmp_path, monkeypatch):
-    seen = []  # (training?, side) of every batch the network is given
-    original = cnn.SimpleCNN.forward
-    monkeypatch.setattr(cnn.SimpleCNN, "forward",
-                        lambda self, x: seen.append((self.training, x.shape[-1])) or original(self, x))
-    assert train(cnn, image_folders, tmp_path / "run", "--epochs", "3", "--crop-epochs", "2",
-                 "--tta", "0") == 0
-    # 120 images in batches of 32: 3 steps an epoch
-    assert [side for training, side in seen if training] == [cnn.CROP] * 6 + [32] * 3
-    assert {side for training, side in seen if not training} == {32}
-
-
 def test_whitening_layer_decorrelates_patches(cnn, image_folders):
     data = common.load_dataset(image_folders)
     recipe = cnn.CNNRecipe(cnn.build_parser().parse_args([]))
