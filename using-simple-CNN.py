@@ -329,14 +329,26 @@ class CNNRecipe(common.Recipe):
                              precision.dtype or torch.float32)
         # The whitening layer's bias learns only in the first epochs; after that it stays
         # fixed, which steadies the inputs every later layer sees. It is fixed by a zero
-        # learning rate rather than requires_grad=False: the set of trained parameters
-        # never changes, which DDP and torch.compile both rely on.
+        # learning rate: the set of trained parameters never changes, which DDP and
+        # torch.compile both rely on (set_train_mode then spares its backward where it can).
         bias_steps = WHITEN_BIAS_EPOCHS * total_steps // args.epochs
         factor = functools.partial(triangle, total_steps=total_steps, peak_at=args.warmup, **TRIANGLE)
         whiten_factor = lambda step: factor(step) if step < bias_steps else 0.0  # noqa: E731
         factors = [factor, whiten_factor] + [factor] * (len(optimizer.param_groups) - 2)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        self.optimizer = optimizer  # its groups are replaced on --resume: read them when needed
         return optimizer, scheduler
+
+    def set_train_mode(self, model):
+        model.train()
+        # Once the whitening bias has learned its last step (its learning rate is 0 for the
+        # rest of the run, so each epoch starts with it frozen or not), nothing needs the
+        # gradient of the first layers' output: the backward then skips the whitening layer,
+        # its GELU and the first convolution's input gradient, about 5% of a step, and
+        # trains exactly as before. Not under torchrun, whose DDP expects a gradient for
+        # every parameter it was built with, nor with --compile, which would compile again.
+        if not self.args.compile and common.rank_and_world_size()[1] == 1:
+            model.whiten.bias.requires_grad_(self.optimizer.param_groups[1]["lr"] > 0)
 
     def build_averager(self, model):
         # Made once the model sits on its device, so the averages live there too.

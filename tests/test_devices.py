@@ -144,6 +144,19 @@ def test_gpu_mode_step_loop_reads_the_host_once_per_n_steps(cnn, image_folders, 
 # torch.compile and resuming across precisions
 
 
+def test_compile_never_recompiles_past_the_whitening_bias_last_epoch(cnn, image_folders, tmp_path,
+                                                                     monkeypatch):
+    """With --compile the whitening bias stays trainable (at a learning rate of 0) after
+    its last epoch: a changed requires_grad would compile the step again."""
+    import torch._dynamo
+    compile_ = torch.compile
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend="eager"))
+    assert cnn.main(["--data-dir", str(image_folders), "--out", str(tmp_path / "run"), *CNN_FAST,
+                     "--epochs", "4", "--compile"]) == 0
+    torch._dynamo.reset()
+
+
 def test_resume_across_precisions(cnn, image_folders, tmp_path, monkeypatch):
     """float32/bf16 (no scaler) -> fp16 (grad scaler) -> back, one epoch each."""
     out = tmp_path / "run"

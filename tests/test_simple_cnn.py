@@ -154,3 +154,33 @@ def test_lookahead_keeps_the_steps_after_its_last_multiple_of_five(cnn):
         lookahead.step(model, step, total_steps=3)
     lookahead.finish(model)
     assert not torch.equal(model.weight, start)
+
+
+def test_the_backward_spares_the_whitening_layer_once_its_bias_has_stopped_learning(
+        cnn, image_folders, tmp_path, monkeypatch):
+    """After WHITEN_BIAS_EPOCHS the bias gets no gradient, and the run trains exactly as one
+    that still computes it (for a learning rate of 0), straight or resumed in between."""
+    got_gradient, step = [], cnn.Muon.step
+
+    def watched_step(self, closure=None):
+        got_gradient.append(self.param_groups[1]["params"][0].grad is not None)
+        return step(self, closure)
+
+    def run(name, *extra):
+        got_gradient.clear()
+        assert train(cnn, image_folders, tmp_path / name, "--epochs", "5", *extra) == 0
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"], \
+            list(got_gradient)
+
+    monkeypatch.setattr(cnn.Muon, "step", watched_step)
+    spared, spared_steps = run("spared")
+    # 120 images in batches of 32: 3 steps an epoch, the bias learning in the first 3 epochs
+    assert spared_steps == [True] * 9 + [False] * 6
+    train(cnn, image_folders, tmp_path / "resumed", "--epochs", "5", "--stop-after", "4")
+    resumed, resumed_steps = run("resumed", "--resume", str(tmp_path / "resumed" / "checkpoint.pt"))
+    assert resumed_steps == [False] * 3
+    monkeypatch.setattr(cnn.CNNRecipe, "set_train_mode", lambda self, model: model.train())
+    full, full_steps = run("full")
+    assert full_steps == [True] * 15
+    for key in full:
+        assert torch.equal(spared[key], full[key]) and torch.equal(resumed[key], full[key]), key
