@@ -106,6 +106,16 @@ def thread_names():
     return sorted(names)
 
 
+def eager_compile(compile_):
+    """compile_ (torch.compile) with dynamo's eager backend, where any recompilation is an
+    error: seconds, not minutes, on a CPU."""
+    def compile(model, **kwargs):
+        import torch._dynamo  # not before main(): the script decides when it is imported
+        torch._dynamo.config.error_on_recompile = True
+        return compile_(model, backend="eager", **kwargs)
+    return compile
+
+
 def main(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("report_dir", type=Path)
@@ -137,13 +147,7 @@ def main(argv):
             return value * float("nan") if calls[0] >= options.nan_from_step else value
         recipe_class.loss = nan_loss
     if options.eager_compile:
-        compile_ = torch.compile
-
-        def eager_compile(model, **kwargs):
-            import torch._dynamo  # not before main(): the script decides when it is imported
-            torch._dynamo.config.error_on_recompile = True
-            return compile_(model, backend="eager", **kwargs)
-        torch.compile = eager_compile
+        torch.compile = eager_compile(torch.compile)
 
     fit = common.fit
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import CNN_FAST, RESNET_FAST
-from emulate import Watch, watch_calls
+from emulate import Watch, eager_compile, watch_calls
 import common
 
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -149,9 +149,8 @@ def test_compile_never_recompiles_past_the_whitening_bias_last_epoch(cnn, image_
     """With --compile the whitening bias stays trainable (at a learning rate of 0) after
     its last epoch: a changed requires_grad would compile the step again."""
     import torch._dynamo
-    compile_ = torch.compile
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # restored afterwards
+    monkeypatch.setattr(torch, "compile", eager_compile(torch.compile))
     assert cnn.main(["--data-dir", str(image_folders), "--out", str(tmp_path / "run"), *CNN_FAST,
                      "--epochs", "4", "--compile"]) == 0
     torch._dynamo.reset()
