@@ -1,15 +1,18 @@
 """The CNN's speed levers, each checked on its own: Muon's step, the per-epoch test
-subset and the decoded-image cache."""
+subset, the decoded-image cache and the reuse of freed host memory."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import CNN_FAST
 from emulate import Watch, watching
+from loading import ROOT
 import common
 
 
@@ -134,3 +137,37 @@ def test_no_cache_writes_nothing(cnn, image_folders, tmp_path):
     assert cnn.main(["--data-dir", str(image_folders), "--out", str(tmp_path / "run"), *CNN_FAST,
                      "--epochs", "1", "--cache", "none"]) == 0
     assert not (tmp_path / "xdg-cache").exists()
+
+
+FRESH_BLOCK_FAULTS = """
+import resource, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import common
+if sys.argv[2] == "keep":
+    assert common.keep_freed_memory()
+def faults_of_a_large_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2**26, dtype=torch.uint8)  # 64 MiB written, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_large_block()
+print(faults_of_a_large_block())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_on_a_cpu_a_freed_block_is_reused_without_page_faults():
+    def second_block_faults(mode):  # a process of its own: the setting is process-wide
+        done = subprocess.run([sys.executable, "-c", FRESH_BLOCK_FAULTS, str(ROOT), mode],
+                              capture_output=True, text=True, check=True, timeout=120)
+        return int(done.stdout)
+    kept, default = second_block_faults("keep"), second_block_faults("default")
+    # 64 MiB are 16,384 pages of 4 KiB (32 huge pages where the kernel gives those
+    # unasked): by default glibc maps a fresh block each time, and the kernel faults it in
+    assert kept < 100 and 10 * kept < default, (kept, default)
+
+
+def test_freed_memory_is_left_to_the_system_allocator_off_linux(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(common.ctypes, "CDLL", None)  # would fail if it were called
+    assert common.keep_freed_memory() is False
