@@ -225,10 +225,10 @@ def make_parser(description, defaults, lr_help):
     schedule("--label-smoothing", type=float, default=defaults["label_smoothing"],
              help="weight moved from the true class to the others (default: %(default)s)")
     schedule("--skip-easy", type=float, default=defaults.get("skip_easy", 0.0), metavar="FRACTION",
-             help=f"in the epochs after the first {SKIP_EASY_AFTER * 100:g}%% of them, leave out this "
-                  "fraction of the training images, those whose loss was lowest when last trained "
-                  "on: the steps go to what the network still gets wrong (default: %(default)s: "
-                  "every image in every epoch)")
+             help=f"in the epochs after the first {SKIP_EASY_AFTER * 100:g}%% of them (rounded "
+                  "up), leave out this fraction of the training images, those whose loss was "
+                  "lowest when last trained on: the steps go to what the network still gets "
+                  "wrong (default: %(default)s: every image in every epoch)")
     schedule("--eval-images", type=int, default=EVAL_IMAGES, metavar="N",
              help="test images scored after each epoch for the progress line and curves, a "
                   "fixed random subset (the final evaluation scores them all); 0: all "
@@ -1047,15 +1047,15 @@ class Trainer:
         # A frozen backbone's head is solved in one pass (solve_head), other models train by
         # epochs, the last of which may be cut short (--epochs 6.5)
         self.planned_epochs = 1 if source.solves_head else args.epochs
-        self.epochs = math.ceil(self.planned_epochs)
-        self.epoch_steps = self.plan_steps(n, args.skip_easy)
-        self.total_steps = sum(self.epoch_steps)
+        self.skip_from, self.epoch_steps = self.plan_steps(n, args.skip_easy)
+        self.epochs, self.total_steps = len(self.epoch_steps), sum(self.epoch_steps)
         self.train_labels, self.test_labels = data["train_labels"], data["test_labels"]
         self.val_labels = data.get("val_labels")
         self.classes, self.image_size = data["classes"], data["image_size"]
         # --skip-easy ranks the images by their loss when last trained on, as it was at the
-        # start of the epoch (kept like epoch_rng_state, so a resumed epoch skips the same)
-        self.image_losses = torch.zeros(n, device=device) if args.skip_easy else None
+        # start of the epoch (kept like epoch_rng_state, so a resumed epoch skips the same);
+        # an image not trained on yet counts as the hardest
+        self.image_losses = torch.full((n,), math.inf, device=device) if args.skip_easy else None
         self.epoch_start_losses = self.image_losses
         self.train_module = source.train_module  # what the step runs; wrap() may wrap it
         self.optimizer, self.scheduler = recipe.build_optimizer(model, self.epoch_steps, precision)
@@ -1071,22 +1071,27 @@ class Trainer:
         self.reset_sums()
 
     def plan_steps(self, n, skip_easy):
-        """The optimizer steps of each epoch: steps_per_epoch, fewer in the epochs that
-        --skip-easy thins out, the last one cut short to the fraction that --epochs asks for."""
-        self.skip_from = math.ceil(SKIP_EASY_AFTER * self.planned_epochs) if skip_easy else self.epochs
+        """(the first epoch that --skip-easy thins out, the optimizer steps of each epoch):
+        steps_per_epoch, fewer in the thinned epochs, the last epoch cut short to the
+        fraction that --epochs asks for; an epoch left with no step is dropped."""
+        epochs = math.ceil(self.planned_epochs)
+        skip_from = math.ceil(SKIP_EASY_AFTER * self.planned_epochs) if skip_easy else epochs
         kept = int(n * (1 - skip_easy))
-        if skip_easy and kept < 2:
+        if kept < self.batch_size:
             raise UserError(f"--skip-easy {skip_easy} would leave {kept} of the {n} training "
-                            f"images, too few for BatchNorm (it needs 2 or more)")
-        thinned = max(1, kept // self.batch_size)
-        sizes = [self.steps_per_epoch if epoch < self.skip_from else thinned
-                 for epoch in range(self.epochs)]
-        total = max(1, round(sum(size * min(1.0, self.planned_epochs - epoch)
-                                 for epoch, size in enumerate(sizes))))
+                            f"images, less than a batch of {self.batch_size}: lower --skip-easy "
+                            f"or --batch-size")
+        sizes = [self.steps_per_epoch if epoch < skip_from else kept // self.batch_size
+                 for epoch in range(epochs)]
+        # Whole epochs in integers, so that equal epochs give round(steps * epochs) exactly
+        whole = sum(sizes[:-1]) - (epochs - 1) * sizes[-1]
+        total = max(1, round(whole + sizes[-1] * self.planned_epochs))
         steps = []
         for size in sizes:
             steps.append(min(size, total - sum(steps)))
-        return steps
+        while steps[-1] == 0:
+            steps.pop()
+        return skip_from, steps
 
     def wrap(self):
         """DDP, then torch.compile, wrap only the module that trains (the order the PyTorch
@@ -1230,6 +1235,9 @@ class Trainer:
                     raise UserError(f"--skip-easy: {path} was trained without it and holds no "
                                     f"image losses to rank the images by; resume without it")
                 losses = checkpoint["image_losses"]
+                if len(losses["latest"]) != len(self.train_labels):
+                    raise UserError(f"--skip-easy: {path} was trained on {len(losses['latest'])} "
+                                    f"images, and the data now has {len(self.train_labels)}")
                 self.image_losses = losses["latest"].to(self.device)
                 self.epoch_start_losses = losses["at_epoch_start"].to(self.device)
             torch.set_rng_state(checkpoint["rng"]["torch"])

@@ -167,9 +167,9 @@ class ResNetRecipe(common.Recipe):
         if args.freeze and args.train_layers not in (None, 0):
             raise common.UserError(f"--freeze trains only the head; it cannot be combined with "
                                    f"--train-layers {args.train_layers}")
-        if args.freeze and args.skip_easy:
-            raise common.UserError("--freeze fits the head in one pass over every image; there "
-                                   "are no epochs for --skip-easy to leave images out of")
+        if self.train_layers == 0 and args.skip_easy:
+            raise common.UserError("--freeze (--train-layers 0) fits the head in one pass over "
+                                   "every image: there are no epochs for --skip-easy to thin out")
 
     def prepare(self):
         self.backbone_weights = None

@@ -229,10 +229,17 @@ def test_skip_easy_where_it_cannot_work_is_one_clear_error(cnn, resnet, image_fo
     data = ["--data-dir", str(image_folders), "--out", str(tmp_path / "o")]
     line = error_of(resnet.main, data + RESNET_FAST + ["--freeze", "--skip-easy", "0.2"], capsys)
     assert "no epochs for --skip-easy" in line
+    line = error_of(cnn.main, data + CNN_FAST + ["--skip-easy", "0.9"], capsys)
+    assert "of the 120 training images, less than a batch of 32" in line
     assert cnn.main(data + CNN_FAST + ["--epochs", "2", "--stop-after", "1"]) == 0
     line = error_of(cnn.main, ["--resume", str(tmp_path / "o" / "checkpoint.pt"),
                                "--skip-easy", "0.2"], capsys)
     assert "trained without it" in line and "resume without it" in line
+    assert cnn.main(data[:2] + ["--out", str(tmp_path / "s")] + CNN_FAST +
+                    ["--epochs", "2", "--stop-after", "1", "--skip-easy", "0.25"]) == 0
+    line = error_of(cnn.main, ["--resume", str(tmp_path / "s" / "checkpoint.pt"),
+                               "--subset", "64"], capsys)
+    assert "was trained on 120 images, and the data now has 64" in line
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: refused before any process group
     assert "for one process" in error_of(cnn.main, data + CNN_FAST + ["--skip-easy", "0.2"], capsys)
 

@@ -1,8 +1,10 @@
 """End-to-end runs of using-simple-CNN.py on tiny data, checked as a user would check them."""
 
 import json
+import math
 import os
 import signal
+from types import SimpleNamespace
 
 import torch
 
@@ -188,6 +190,20 @@ def test_the_backward_spares_the_whitening_layer_once_its_bias_has_stopped_learn
         assert torch.equal(spared[key], full[key]) and torch.equal(resumed[key], full[key]), key
 
 
+def test_the_epochs_steps_add_up_as_before_whatever_the_fraction():
+    """Without --skip-easy each epoch has its full steps and the run round(steps * epochs)
+    of them, as the schedules were planned before epochs could differ in length."""
+    for steps_per_epoch in (3, 45, 50, 390):
+        for hundredths in range(1, 1000):
+            epochs = hundredths / 100
+            trainer = SimpleNamespace(planned_epochs=epochs, batch_size=100,
+                                      steps_per_epoch=steps_per_epoch)
+            skip_from, steps = common.Trainer.plan_steps(trainer, 100 * steps_per_epoch, 0.0)
+            assert sum(steps) == max(1, round(steps_per_epoch * epochs)), (steps_per_epoch, epochs)
+            assert steps[:-1] == [steps_per_epoch] * (len(steps) - 1) and steps[-1] > 0
+            assert skip_from == math.ceil(epochs)
+
+
 def test_skip_easy_trains_the_later_epochs_on_the_images_of_highest_loss(
         cnn, image_folders, tmp_path, monkeypatch):
     """--skip-easy 0.25 over 4 epochs of 120 images in batches of 32: epochs 1 and 2 whole (3
@@ -211,8 +227,8 @@ def test_skip_easy_trains_the_later_epochs_on_the_images_of_highest_loss(
     assert train(cnn, image_folders, tmp_path / "straight", *flags) == 0
     trained = [torch.cat(epoch["trained"]) for epoch in epochs]
     assert [len(t) for t in trained] == [96, 96, 64, 64]
-    # every image trained on has a loss (cross-entropy is positive), the others none yet
-    assert set(epochs[2]["losses"].nonzero().flatten().tolist()) == \
+    # every image trained on has its loss, the others none yet (they count as the hardest)
+    assert set(epochs[2]["losses"].isfinite().nonzero().flatten().tolist()) == \
         set(trained[0].tolist()) | set(trained[1].tolist())
     for epoch, images in zip(epochs[2:], trained[2:]):
         hardest = set(epoch["losses"].topk(90).indices.tolist())
