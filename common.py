@@ -57,7 +57,6 @@ CHECKPOINT_FORMAT = 6  # the file's layout: bump only when it changes (6: the re
 HOST_READ_EVERY = 25   # training steps between host reads of device values on a GPU or MPS
 EVAL_BATCH_SIZE = 500  # test images per evaluation batch
 EVAL_IMAGES = 2000     # test images scored after each epoch: a curve at a fraction of the cost
-SKIP_EASY_AFTER = 0.5  # of the epochs that --skip-easy leaves whole: the network first learns every image
 FEATURE_BATCH_SIZE = 250  # images per batch of a frozen backbone's feature pass
 PROBE_L2 = tuple(10.0 ** k for k in range(-6, 2))  # L2 strengths the frozen-backbone probe tries
 PROBE_ITERATIONS = 1000  # L-BFGS iterations at most per fit (converged fits stop sooner)
@@ -224,11 +223,6 @@ def make_parser(description, defaults, lr_help):
              help="SGD weight decay (default: %(default)s)")
     schedule("--label-smoothing", type=float, default=defaults["label_smoothing"],
              help="weight moved from the true class to the others (default: %(default)s)")
-    schedule("--skip-easy", type=float, default=defaults.get("skip_easy", 0.0), metavar="FRACTION",
-             help=f"in the epochs after the first {SKIP_EASY_AFTER * 100:g}%% of them (rounded "
-                  "up), leave out this fraction of the training images, those whose loss was "
-                  "lowest when last trained on: the steps go to what the network still gets "
-                  "wrong (default: %(default)s: every image in every epoch)")
     schedule("--eval-images", type=int, default=EVAL_IMAGES, metavar="N",
              help="test images scored after each epoch for the progress line and curves, a "
                   "fixed random subset (the final evaluation scores them all); 0: all "
@@ -301,11 +295,6 @@ def check_args(args):
         raise UserError(f"--translate {args.translate}: expected 0 to 8 pixels")
     if not 0 <= args.label_smoothing < 1:
         raise UserError("--label-smoothing must be in [0, 1)")
-    if not 0 <= args.skip_easy < 1:
-        raise UserError(f"--skip-easy {args.skip_easy}: expected a fraction in [0, 1)")
-    if args.skip_easy and launched_by_torchrun():
-        raise UserError("--skip-easy is for one process: under torchrun each process would "
-                        "see only its share of the images' losses")
 
 
 def flags_given(parser, argv):
@@ -1047,18 +1036,14 @@ class Trainer:
         # A frozen backbone's head is solved in one pass (solve_head), other models train by
         # epochs, the last of which may be cut short (--epochs 6.5)
         self.planned_epochs = 1 if source.solves_head else args.epochs
-        self.skip_from, self.epoch_steps = self.plan_steps(n, args.skip_easy)
-        self.epochs, self.total_steps = len(self.epoch_steps), sum(self.epoch_steps)
+        self.total_steps = max(1, round(self.steps_per_epoch * self.planned_epochs))
+        # an epoch left with no step once rounded (--epochs 2.01, 50 steps an epoch) is none
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.train_labels, self.test_labels = data["train_labels"], data["test_labels"]
         self.val_labels = data.get("val_labels")
         self.classes, self.image_size = data["classes"], data["image_size"]
-        # --skip-easy ranks the images by their loss when last trained on, as it was at the
-        # start of the epoch (kept like epoch_rng_state, so a resumed epoch skips the same);
-        # an image not trained on yet counts as the hardest
-        self.image_losses = torch.full((n,), math.inf, device=device) if args.skip_easy else None
-        self.epoch_start_losses = self.image_losses
         self.train_module = source.train_module  # what the step runs; wrap() may wrap it
-        self.optimizer, self.scheduler = recipe.build_optimizer(model, self.epoch_steps, precision)
+        self.optimizer, self.scheduler = recipe.build_optimizer(model, self.total_steps, precision)
         if precision.fused_optimizer:
             zero_momentum_buffers(self.optimizer)
         self.averager = recipe.build_averager(model)
@@ -1069,29 +1054,6 @@ class Trainer:
         self.history, self.train_seconds, self.images_seen = [], 0.0, 0
         self.plan = None
         self.reset_sums()
-
-    def plan_steps(self, n, skip_easy):
-        """(the first epoch that --skip-easy thins out, the optimizer steps of each epoch):
-        steps_per_epoch, fewer in the thinned epochs, the last epoch cut short to the
-        fraction that --epochs asks for; an epoch left with no step is dropped."""
-        epochs = math.ceil(self.planned_epochs)
-        skip_from = math.ceil(SKIP_EASY_AFTER * self.planned_epochs) if skip_easy else epochs
-        kept = int(n * (1 - skip_easy))
-        if kept < self.batch_size:
-            raise UserError(f"--skip-easy {skip_easy} would leave {kept} of the {n} training "
-                            f"images, less than a batch of {self.batch_size}: lower --skip-easy "
-                            f"or --batch-size")
-        sizes = [self.steps_per_epoch if epoch < skip_from else kept // self.batch_size
-                 for epoch in range(epochs)]
-        # Whole epochs in integers, so that equal epochs give round(steps * epochs) exactly
-        whole = sum(sizes[:-1]) - (epochs - 1) * sizes[-1]
-        total = max(1, round(whole + sizes[-1] * self.planned_epochs))
-        steps = []
-        for size in sizes:
-            steps.append(min(size, total - sum(steps)))
-        while steps[-1] == 0:
-            steps.pop()
-        return skip_from, steps
 
     def wrap(self):
         """DDP, then torch.compile, wrap only the module that trains (the order the PyTorch
@@ -1110,11 +1072,6 @@ class Trainer:
         shift = round(self.args.translate * self.image_size / 32)  # --translate is in 32x32 pixels
         plan = EpochPlan(len(self.train_labels), self.data_rng, shift, self.args.flip,
                          self.epoch, self.args.seed + 1, self.args.jitter)
-        if self.epoch >= self.skip_from:  # --skip-easy: the hardest images, in the drawn order
-            losses = self.epoch_start_losses.cpu()
-            hard = torch.zeros(len(losses), dtype=torch.bool)
-            hard[losses.topk(int(len(losses) * (1 - self.args.skip_easy))).indices] = True
-            plan.order = plan.order[hard[plan.order]]
         plan.host_order = plan.order
         for name in ("order", "shifts", "flips", "brightness", "contrast"):
             if getattr(plan, name) is not None:
@@ -1123,7 +1080,7 @@ class Trainer:
 
     @property
     def steps_this_epoch(self):
-        return self.epoch_steps[self.epoch]
+        return min(self.steps_per_epoch, self.total_steps - self.epoch * self.steps_per_epoch)
 
     def steps_left(self):
         """(step, the rows of plan.order that are this rank's images) for the steps left."""
@@ -1172,8 +1129,6 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_rng_state = self.data_rng.get_state()
-        if self.image_losses is not None:
-            self.epoch_start_losses = self.image_losses.clone()
         self.train_seconds += stats["seconds"]
         self.images_seen += stats["images"]
         previous = self.history[-1]["seconds"] if self.history else 0.0
@@ -1205,8 +1160,6 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict(),  # {} when no scaler is used
             "averager": self.averager.state_dict() if self.averager else None,
-            "image_losses": None if self.image_losses is None else
-            {"latest": self.image_losses, "at_epoch_start": self.epoch_start_losses},
             "rng": {"torch": torch.get_rng_state(), "epoch_data": self.epoch_rng_state},
             "partial_epoch": {name: float(value) if torch.is_tensor(value) else value
                               for name, value in self.sums.items()},
@@ -1230,16 +1183,6 @@ class Trainer:
                 self.averager.load_state_dict(checkpoint["averager"])
             for name in self.progress:
                 setattr(self, name, checkpoint[name])
-            if self.image_losses is not None:
-                if checkpoint.get("image_losses") is None:
-                    raise UserError(f"--skip-easy: {path} was trained without it and holds no "
-                                    f"image losses to rank the images by; resume without it")
-                losses = checkpoint["image_losses"]
-                if len(losses["latest"]) != len(self.train_labels):
-                    raise UserError(f"--skip-easy: {path} was trained on {len(losses['latest'])} "
-                                    f"images, and the data now has {len(self.train_labels)}")
-                self.image_losses = losses["latest"].to(self.device)
-                self.epoch_start_losses = losses["at_epoch_start"].to(self.device)
             torch.set_rng_state(checkpoint["rng"]["torch"])
             self.epoch_rng_state = checkpoint["rng"]["epoch_data"]
             self.reset_sums(**checkpoint["partial_epoch"])
@@ -1453,10 +1396,9 @@ class Recipe:
         weights will replace the initial ones."""
         raise NotImplementedError
 
-    def build_optimizer(self, model, epoch_steps, precision):
-        """(optimizer, scheduler stepped once per batch); epoch_steps: the number of steps
-        of each epoch (their sum is the run's); precision says whether to use fused kernels
-        (Precision.fused_optimizer) and the dtype matmuls may use."""
+    def build_optimizer(self, model, total_steps, precision):
+        """(optimizer, scheduler stepped once per batch); precision says whether to use
+        fused kernels (Precision.fused_optimizer) and the dtype matmuls may use."""
         raise NotImplementedError
 
     def build_averager(self, model):
@@ -1568,8 +1510,6 @@ def train_one_epoch(trainer, signals, progress):
         with t.precision.autocast():
             logits = t.train_module(inputs)
             loss = recipe.loss(logits, labels)
-        if t.image_losses is not None:  # what --skip-easy ranks the images by
-            t.image_losses[idx] = F.cross_entropy(logits.detach().float(), labels, reduction="none")
         t.optimizer.zero_grad(set_to_none=True)
         t.precision.scaler.scale(loss).backward()
         t.precision.scaler.step(t.optimizer)

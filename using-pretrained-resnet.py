@@ -167,9 +167,6 @@ class ResNetRecipe(common.Recipe):
         if args.freeze and args.train_layers not in (None, 0):
             raise common.UserError(f"--freeze trains only the head; it cannot be combined with "
                                    f"--train-layers {args.train_layers}")
-        if self.train_layers == 0 and args.skip_easy:
-            raise common.UserError("--freeze (--train-layers 0) fits the head in one pass over "
-                                   "every image: there are no epochs for --skip-easy to thin out")
 
     def prepare(self):
         self.backbone_weights = None
@@ -202,8 +199,8 @@ class ResNetRecipe(common.Recipe):
             module.requires_grad_(False)
         return model
 
-    def build_optimizer(self, model, epoch_steps, precision):
-        args, total_steps = self.args, sum(epoch_steps)
+    def build_optimizer(self, model, total_steps, precision):
+        args = self.args
         # A new head on a trained body learns faster than the body; from scratch every layer is new
         head_lr = args.lr * (HEAD_LR_SCALE if args.weights != "none" else 1)
         body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("fc.")]

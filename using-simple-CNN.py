@@ -308,8 +308,8 @@ class CNNRecipe(common.Recipe):
         model.whiten.bias.data.zero_()
         return model
 
-    def build_optimizer(self, model, epoch_steps, precision):
-        args, total_steps = self.args, sum(epoch_steps)
+    def build_optimizer(self, model, total_steps, precision):
+        args = self.args
         norm_biases = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 1
                        and n.startswith("blocks")]
         whiten_bias = [model.whiten.bias]
@@ -331,7 +331,7 @@ class CNNRecipe(common.Recipe):
         # fixed, which steadies the inputs every later layer sees. It is fixed by a zero
         # learning rate: the set of trained parameters never changes, which DDP and
         # torch.compile both rely on (set_train_mode then spares its backward where it can).
-        bias_steps = sum(epoch_steps[:WHITEN_BIAS_EPOCHS])
+        bias_steps = WHITEN_BIAS_EPOCHS * total_steps // args.epochs
         factor = functools.partial(triangle, total_steps=total_steps, peak_at=args.warmup, **TRIANGLE)
         whiten_factor = lambda step: factor(step) if step < bias_steps else 0.0  # noqa: E731
         factors = [factor, whiten_factor] + [factor] * (len(optimizer.param_groups) - 2)

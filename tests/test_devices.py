@@ -73,7 +73,7 @@ def test_fp16_uses_a_fused_optimizer_with_zeroed_momentum(cnn, monkeypatch):
     assert precision.fused_optimizer
     model = cnn.SimpleCNN((8, 16, 16))
     recipe = cnn.CNNRecipe(cnn.build_parser().parse_args(["--no-muon"]))
-    optimizer, _ = recipe.build_optimizer(model, [10], precision)
+    optimizer, _ = recipe.build_optimizer(model, 10, precision)
     assert all(group["fused"] for group in optimizer.param_groups)
     common.zero_momentum_buffers(optimizer)
     buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p.requires_grad]

@@ -133,7 +133,7 @@ def test_no_bias_or_batchnorm_parameter_is_weight_decayed(resnet, mode):
     args = resnet.build_parser().parse_args(["--weights", "none", *mode])
     recipe = resnet.ResNetRecipe(args)
     model = recipe.build_model(None)
-    optimizer, _ = recipe.build_optimizer(model, [10], common.Precision(torch.device("cpu"), False))
+    optimizer, _ = recipe.build_optimizer(model, 10, common.Precision(torch.device("cpu"), False))
     decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     for name, p in model.named_parameters():
         if p.requires_grad:

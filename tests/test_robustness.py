@@ -204,7 +204,6 @@ BAD_FLAGS = {
     "stop after the end": (["--epochs", "2", "--stop-after", "3"], "beyond --epochs 2"),
     "bad widths": (["--widths", "8,16"], "expected three positive integers"),
     "warm-up of all steps": (["--warmup", "1"], "expected a fraction in [0, 1)"),
-    "every image skipped": (["--skip-easy", "1"], "expected a fraction in [0, 1)"),
     "negative eval images": (["--eval-images", "-1"], "must be 0 (all) or more"),
     "batch of one": (["--batch-size", "1"], "too few for BatchNorm (it needs 2 or more): raise --batch-size"),
     "subset of one": (["--subset", "1"], "too few for BatchNorm (it needs 2 or more): raise --subset"),
@@ -222,26 +221,6 @@ def test_impossible_flags(cnn, image_folders, tmp_path, capsys, case):
                                *flags], capsys)
     assert expected in line
     assert not (tmp_path / "o").exists()
-
-
-def test_skip_easy_where_it_cannot_work_is_one_clear_error(cnn, resnet, image_folders,
-                                                           tmp_path, monkeypatch, capsys):
-    data = ["--data-dir", str(image_folders), "--out", str(tmp_path / "o")]
-    line = error_of(resnet.main, data + RESNET_FAST + ["--freeze", "--skip-easy", "0.2"], capsys)
-    assert "no epochs for --skip-easy" in line
-    line = error_of(cnn.main, data + CNN_FAST + ["--skip-easy", "0.9"], capsys)
-    assert "of the 120 training images, less than a batch of 32" in line
-    assert cnn.main(data + CNN_FAST + ["--epochs", "2", "--stop-after", "1"]) == 0
-    line = error_of(cnn.main, ["--resume", str(tmp_path / "o" / "checkpoint.pt"),
-                               "--skip-easy", "0.2"], capsys)
-    assert "trained without it" in line and "resume without it" in line
-    assert cnn.main(data[:2] + ["--out", str(tmp_path / "s")] + CNN_FAST +
-                    ["--epochs", "2", "--stop-after", "1", "--skip-easy", "0.25"]) == 0
-    line = error_of(cnn.main, ["--resume", str(tmp_path / "s" / "checkpoint.pt"),
-                               "--subset", "64"], capsys)
-    assert "was trained on 120 images, and the data now has 64" in line
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: refused before any process group
-    assert "for one process" in error_of(cnn.main, data + CNN_FAST + ["--skip-easy", "0.2"], capsys)
 
 
 def test_image_size_too_small_for_resnet(resnet, image_folders, capsys):

@@ -1,10 +1,6 @@
 """End-to-end runs of using-simple-CNN.py on tiny data, checked as a user would check them."""
 
 import json
-import math
-import os
-import signal
-from types import SimpleNamespace
 
 import torch
 
@@ -148,6 +144,14 @@ def test_a_fraction_of_an_epoch_cuts_the_last_one_short(cnn, image_folders, tmp_
     assert checkpoint["images_seen"] == 4 * 32
 
 
+def test_a_fraction_that_rounds_to_no_step_adds_no_epoch(cnn, image_folders, tmp_path, capsys):
+    # 3 steps an epoch: 2.1 epochs are round(6.3) = 6 steps, two whole epochs and no third
+    assert train(cnn, image_folders, tmp_path / "run", "--epochs", "2.1") == 0
+    assert "epoch   2/2.1" in capsys.readouterr().out
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 6
+
+
 def test_lookahead_keeps_the_steps_after_its_last_multiple_of_five(cnn):
     model = torch.nn.Linear(2, 2)
     lookahead = cnn.Lookahead(model)
@@ -188,67 +192,3 @@ def test_the_backward_spares_the_whitening_layer_once_its_bias_has_stopped_learn
     assert full_steps == [True] * 15
     for key in full:
         assert torch.equal(spared[key], full[key]) and torch.equal(resumed[key], full[key]), key
-
-
-def test_the_epochs_steps_add_up_as_before_whatever_the_fraction():
-    """Without --skip-easy each epoch has its full steps and the run round(steps * epochs)
-    of them, as the schedules were planned before epochs could differ in length."""
-    for steps_per_epoch in (3, 45, 50, 390):
-        for hundredths in range(1, 1000):
-            epochs = hundredths / 100
-            trainer = SimpleNamespace(planned_epochs=epochs, batch_size=100,
-                                      steps_per_epoch=steps_per_epoch)
-            skip_from, steps = common.Trainer.plan_steps(trainer, 100 * steps_per_epoch, 0.0)
-            assert sum(steps) == max(1, round(steps_per_epoch * epochs)), (steps_per_epoch, epochs)
-            assert steps[:-1] == [steps_per_epoch] * (len(steps) - 1) and steps[-1] > 0
-            assert skip_from == math.ceil(epochs)
-
-
-def test_skip_easy_trains_the_later_epochs_on_the_images_of_highest_loss(
-        cnn, image_folders, tmp_path, monkeypatch):
-    """--skip-easy 0.25 over 4 epochs of 120 images in batches of 32: epochs 1 and 2 whole (3
-    steps), epochs 3 and 4 on the 90 images whose loss was highest when last trained on (2
-    steps); interrupted in the middle of epoch 3 and resumed, the run ends the same."""
-    epochs, start_epoch, batches = [], common.Trainer.start_epoch, common.DeviceBatches.batches
-
-    def watched_start_epoch(self):
-        start_epoch(self)
-        epochs.append(dict(losses=self.image_losses.clone(), order=self.plan.order.clone(),
-                           trained=[]))
-
-    def watched_batches(self, steps, plan):
-        for step, idx, inputs in batches(self, steps, plan):
-            epochs[-1]["trained"].append(idx.clone())
-            yield step, idx, inputs
-
-    monkeypatch.setattr(common.Trainer, "start_epoch", watched_start_epoch)
-    monkeypatch.setattr(common.DeviceBatches, "batches", watched_batches)
-    flags = ["--epochs", "4", "--skip-easy", "0.25"]
-    assert train(cnn, image_folders, tmp_path / "straight", *flags) == 0
-    trained = [torch.cat(epoch["trained"]) for epoch in epochs]
-    assert [len(t) for t in trained] == [96, 96, 64, 64]
-    # every image trained on has its loss, the others none yet (they count as the hardest)
-    assert set(epochs[2]["losses"].isfinite().nonzero().flatten().tolist()) == \
-        set(trained[0].tolist()) | set(trained[1].tolist())
-    for epoch, images in zip(epochs[2:], trained[2:]):
-        hardest = set(epoch["losses"].topk(90).indices.tolist())
-        assert set(epoch["order"].tolist()) == hardest and set(images.tolist()) <= hardest
-    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
-    assert straight["global_step"] == 10 and straight["images_seen"] == 320
-
-    pull = cnn.Lookahead.step
-
-    def interrupted_pull(self, model, step, total_steps):  # after every optimizer step
-        pull(self, model, step, total_steps)
-        if step == 7:  # the first of epoch 3's two steps
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(cnn.Lookahead, "step", interrupted_pull)
-    assert train(cnn, image_folders, tmp_path / "resumed", *flags) == 130
-    monkeypatch.setattr(cnn.Lookahead, "step", pull)
-    assert train(cnn, image_folders, tmp_path / "resumed", "--resume",
-                 str(tmp_path / "resumed" / "checkpoint.pt")) == 0
-    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    for key, value in straight["model"].items():
-        assert torch.equal(resumed["model"][key], value), key
-    assert torch.equal(resumed["image_losses"]["latest"], straight["image_losses"]["latest"])
