@@ -69,12 +69,14 @@ def assert_metrics_equal_eval_only(main, data_dir, out, tmp_path):
 
 
 def test_cnn_under_torchrun_through_the_whole_schedule(cnn, image_folders, tmp_path):
-    """Past the epoch where the whitening bias stops learning, with the step loop in its GPU
-    mode: one host read per 4 steps (and at an epoch's end) on every rank."""
+    """Past the epoch where the whitening bias stops learning and into the one where the
+    first block is frozen (--freeze-first: its learning rate 0, DDP still reducing its
+    gradients), with the step loop in its GPU mode: one host read per 4 steps (and at an
+    epoch's end) on every rank."""
     out, report_dir = tmp_path / "run", tmp_path / "report"
     result = emulated_torchrun(report_dir, "using-simple-CNN.py", "--data-dir", str(image_folders),
                                "--out", str(out), *CNN_FAST, "--batch-size", "16", "--epochs", "5",
-                               options=["--host-read-every", "4"])
+                               "--freeze-first", "1", options=["--host-read-every", "4"])
     assert result.returncode == 0, result.stderr
     assert "terminate called" not in result.stderr
     for report in reports(report_dir):
@@ -117,7 +119,7 @@ def test_compile_wraps_ddp_and_never_recompiles_under_torchrun(image_folders, tm
     report_dir = tmp_path / "report"
     result = emulated_torchrun(report_dir, "using-simple-CNN.py", "--data-dir", str(image_folders),
                                "--out", str(tmp_path / "run"), *CNN_FAST, "--epochs", "4",
-                               "--compile", options=["--eager-compile"])
+                               "--freeze-first", "1", "--compile", options=["--eager-compile"])
     assert result.returncode == 0, result.stderr
     for report in reports(report_dir):
         assert report["train_module"] == ["OptimizedModule", "DistributedDataParallel", "SimpleCNN"]

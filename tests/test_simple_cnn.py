@@ -192,3 +192,45 @@ def test_the_backward_spares_the_whitening_layer_once_its_bias_has_stopped_learn
     assert full_steps == [True] * 15
     for key in full:
         assert torch.equal(spared[key], full[key]) and torch.equal(resumed[key], full[key]), key
+
+
+def test_freeze_first_stops_the_first_block_and_spares_its_backward(
+        cnn, image_folders, tmp_path, monkeypatch):
+    """--freeze-first 2 of 5 epochs: the first block learns in epochs 1-3 only, gets no
+    gradient after them, and the run trains exactly as one that still computes it (for a
+    learning rate of 0), straight or resumed in between."""
+    got_gradient, step = [], cnn.Muon.step
+
+    def watched_step(self, closure=None):
+        got_gradient.append(self.param_groups[-1]["params"][0].grad is not None)
+        return step(self, closure)
+
+    def run(name, *extra):
+        got_gradient.clear()
+        assert train(cnn, image_folders, tmp_path / name, "--epochs", "5", "--no-lookahead",
+                     "--freeze-first", "2", *extra) == 0
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"], \
+            list(got_gradient)
+
+    monkeypatch.setattr(cnn.Muon, "step", watched_step)
+    spared, spared_steps = run("spared")
+    assert spared_steps == [True] * 9 + [False] * 6  # 3 steps an epoch
+    after_three, _ = run("three", "--stop-after", "3")
+    first_block = [k for k in spared if k.startswith("blocks.0.") and "running" not in k
+                   and "num_batches" not in k]
+    assert first_block and all(torch.equal(spared[k], after_three[k]) for k in first_block)
+    assert not torch.equal(spared["blocks.1.0.weight"], after_three["blocks.1.0.weight"])
+    resumed, resumed_steps = run("resumed", "--resume", str(tmp_path / "three" / "checkpoint.pt"))
+    assert resumed_steps == [False] * 6
+    monkeypatch.setattr(cnn.CNNRecipe, "set_train_mode", lambda self, model: model.train())
+    full, full_steps = run("full")
+    assert full_steps == [True] * 15
+    for key in full:
+        assert torch.equal(spared[key], full[key]) and torch.equal(resumed[key], full[key]), key
+
+
+def test_freeze_first_beyond_the_epochs_is_one_clear_error(cnn, image_folders, tmp_path, capsys):
+    assert train(cnn, image_folders, tmp_path / "run", "--epochs", "2",
+                 "--freeze-first", "3") != 0
+    assert "--freeze-first 3.0: expected a number of epochs from 0 to --epochs" in \
+        capsys.readouterr().err

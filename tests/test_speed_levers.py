@@ -58,10 +58,11 @@ def test_muon_keeps_each_filter_at_a_fixed_norm_and_steps_it_by_lr(cnn):
         assert 0.5 * 0.2 * 8 ** 0.5 < step.norm() < 1.5 * 0.2 * 8 ** 0.5
         singular_values = torch.linalg.svdvals(step.reshape(8, -1) / 0.2)
         assert singular_values.min() > 0.5 and singular_values.max() < 1.5
-    muon.param_groups[0]["lr"] = 0.0  # a zero step leaves exactly the rescaled filter
-    filters.grad = torch.randn_like(filters)
+    muon.param_groups[0]["lr"] = 0.0  # a frozen group (--freeze-first): not even rescaled
+    before, filters.grad = filters.detach().clone(), torch.randn_like(filters)
     muon.step()
-    assert torch.allclose(filters.detach().norm(), torch.tensor(8 ** 0.5))
+    assert torch.equal(filters.detach(), before)
+    assert not torch.allclose(before.norm(), torch.tensor(8 ** 0.5))
 
 
 def test_fp16_grad_scaler_skips_an_overflowing_muon_step_without_a_host_read(cnn):
