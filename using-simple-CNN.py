@@ -15,7 +15,7 @@ Measured accuracy and time: docs/RESULTS.md.
 Run:
     python using-simple-CNN.py                                # 7 epochs on ./data
     python using-simple-CNN.py --data-dir path/to/cifar10-png --epochs 2
-    python using-simple-CNN.py --freeze-first 2               # about 0.95x the time
+    python using-simple-CNN.py --freeze-first 2               # faster, a little less accurate
     python using-simple-CNN.py --data-dir my-photos           # train/<class>/, test/<class>/
     python using-simple-CNN.py --checkpoint runs/X/checkpoint.pt --predict cat.png
 """
@@ -89,8 +89,8 @@ def build_parser():
              "(default: %(default)s)")
     add("--freeze-first", type=float, default=FREEZE_FIRST, metavar="EPOCHS",
         help="in the last EPOCHS epochs the first conv block stops learning (its filters "
-             "change little by then) and the backward ends at the second block, about a fifth "
-             "of those epochs' time (default: %(default)s: it learns to the end)")
+             "change little by then) and the backward ends at the second block, so those epochs "
+             "take less time (default: %(default)s: it learns to the end)")
     add("--no-whiten", action="store_true",
         help="learn the first layer instead of initialising it to whiten 2x2 patches (default: off)")
     add("--no-dirac", action="store_true",
@@ -337,14 +337,6 @@ class CNNRecipe(common.Recipe):
         grouped = norm_biases + filters + first_biases + first_filters + [model.whiten.bias]
         others = [p for p in model.parameters()  # the head (and filters SGD trains, --no-muon)
                   if p.requires_grad and not any(p is q for q in grouped)]
-        groups = [sgd(norm_biases, BIAS_LR_SCALE), sgd([model.whiten.bias]), sgd(others),
-                  sgd(first_biases, BIAS_LR_SCALE)]
-        groups += [sgd(first_filters)] if args.no_muon else [muon(filters), muon(first_filters)]
-        if args.no_muon:
-            optimizer = torch.optim.SGD(groups, momentum=args.momentum, nesterov=True,
-                                        fused=precision.fused_optimizer or None)
-        else:
-            optimizer = Muon(groups, args.momentum, precision.dtype or torch.float32)
         # The whitening layer's bias learns only in the first epochs; after that it stays
         # fixed, which steadies the inputs every later layer sees. With --freeze-first the
         # first block stops too, for the last epochs. Both are fixed by a zero learning rate:
@@ -355,8 +347,17 @@ class CNNRecipe(common.Recipe):
         factor = functools.partial(triangle, total_steps=total_steps, peak_at=args.warmup, **TRIANGLE)
         whiten_factor = lambda step: factor(step) if step < bias_steps else 0.0  # noqa: E731
         first_factor = lambda step: factor(step) if step < freeze_at else 0.0  # noqa: E731
-        factors = [factor, whiten_factor, factor, first_factor] + \
-            ([first_factor] if args.no_muon else [factor, first_factor])
+        schedule = [(sgd(norm_biases, BIAS_LR_SCALE), factor),  # (group, its lr factor)
+                    (sgd([model.whiten.bias]), whiten_factor), (sgd(others), factor),
+                    (sgd(first_biases, BIAS_LR_SCALE), first_factor)]
+        schedule += [(sgd(first_filters), first_factor)] if args.no_muon else \
+            [(muon(filters), factor), (muon(first_filters), first_factor)]
+        groups, factors = [group for group, _ in schedule], [f for _, f in schedule]
+        if args.no_muon:
+            optimizer = torch.optim.SGD(groups, momentum=args.momentum, nesterov=True,
+                                        fused=precision.fused_optimizer or None)
+        else:
+            optimizer = Muon(groups, args.momentum, precision.dtype or torch.float32)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         self.optimizer = optimizer  # its groups are replaced on --resume: read them when needed
         return optimizer, scheduler
@@ -373,8 +374,7 @@ class CNNRecipe(common.Recipe):
         # which would compile again.
         if self.args.compile or common.rank_and_world_size()[1] > 1:
             return
-        groups = self.optimizer.param_groups
-        for group in [groups[1], groups[3], groups[-1]]:  # the whitening bias, the first block
+        for group in self.optimizer.param_groups:  # a learning rate is 0 only once frozen
             for p in group["params"]:
                 p.requires_grad_(group["lr"] > 0)
 

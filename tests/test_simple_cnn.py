@@ -164,34 +164,47 @@ def test_lookahead_keeps_the_steps_after_its_last_multiple_of_five(cnn):
     assert not torch.equal(model.weight, start)
 
 
-def test_the_backward_spares_the_whitening_layer_once_its_bias_has_stopped_learning(
-        cnn, image_folders, tmp_path, monkeypatch):
-    """After WHITEN_BIAS_EPOCHS the bias gets no gradient, and the run trains exactly as one
-    that still computes it (for a learning rate of 0), straight or resumed in between."""
+def watch_gradients(cnn, image_folders, tmp_path, monkeypatch, group, *flags):
+    """run(name, *extra): a 5-epoch run with flags and extra, returning its model and, for
+    each optimizer step, whether the first parameter of param_groups[group] had a gradient."""
     got_gradient, step = [], cnn.Muon.step
 
     def watched_step(self, closure=None):
-        got_gradient.append(self.param_groups[1]["params"][0].grad is not None)
+        got_gradient.append(self.param_groups[group]["params"][0].grad is not None)
         return step(self, closure)
 
     def run(name, *extra):
         got_gradient.clear()
-        assert train(cnn, image_folders, tmp_path / name, "--epochs", "5", *extra) == 0
+        assert train(cnn, image_folders, tmp_path / name, "--epochs", "5", *flags, *extra) == 0
         return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"], \
             list(got_gradient)
 
     monkeypatch.setattr(cnn.Muon, "step", watched_step)
+    return run
+
+
+def assert_trained_as_without_sparing(cnn, monkeypatch, run, *models):
+    """Each model equals the one a run computing every gradient trains (for a learning rate
+    of 0 where a group is frozen)."""
+    monkeypatch.setattr(cnn.CNNRecipe, "set_train_mode", lambda self, model: model.train())
+    full, full_steps = run("full")
+    assert full_steps == [True] * 15
+    for key in full:
+        assert all(torch.equal(model[key], full[key]) for model in models), key
+
+
+def test_the_backward_spares_the_whitening_layer_once_its_bias_has_stopped_learning(
+        cnn, image_folders, tmp_path, monkeypatch):
+    """After WHITEN_BIAS_EPOCHS the bias gets no gradient, and the run trains exactly as one
+    that still computes it (for a learning rate of 0), straight or resumed in between."""
+    run = watch_gradients(cnn, image_folders, tmp_path, monkeypatch, 1)
     spared, spared_steps = run("spared")
     # 120 images in batches of 32: 3 steps an epoch, the bias learning in the first 3 epochs
     assert spared_steps == [True] * 9 + [False] * 6
     train(cnn, image_folders, tmp_path / "resumed", "--epochs", "5", "--stop-after", "4")
     resumed, resumed_steps = run("resumed", "--resume", str(tmp_path / "resumed" / "checkpoint.pt"))
     assert resumed_steps == [False] * 3
-    monkeypatch.setattr(cnn.CNNRecipe, "set_train_mode", lambda self, model: model.train())
-    full, full_steps = run("full")
-    assert full_steps == [True] * 15
-    for key in full:
-        assert torch.equal(spared[key], full[key]) and torch.equal(resumed[key], full[key]), key
+    assert_trained_as_without_sparing(cnn, monkeypatch, run, spared, resumed)
 
 
 def test_freeze_first_stops_the_first_block_and_spares_its_backward(
@@ -199,20 +212,8 @@ def test_freeze_first_stops_the_first_block_and_spares_its_backward(
     """--freeze-first 2 of 5 epochs: the first block learns in epochs 1-3 only, gets no
     gradient after them, and the run trains exactly as one that still computes it (for a
     learning rate of 0), straight or resumed in between."""
-    got_gradient, step = [], cnn.Muon.step
-
-    def watched_step(self, closure=None):
-        got_gradient.append(self.param_groups[-1]["params"][0].grad is not None)
-        return step(self, closure)
-
-    def run(name, *extra):
-        got_gradient.clear()
-        assert train(cnn, image_folders, tmp_path / name, "--epochs", "5", "--no-lookahead",
-                     "--freeze-first", "2", *extra) == 0
-        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"], \
-            list(got_gradient)
-
-    monkeypatch.setattr(cnn.Muon, "step", watched_step)
+    run = watch_gradients(cnn, image_folders, tmp_path, monkeypatch, -1,
+                          "--no-lookahead", "--freeze-first", "2")
     spared, spared_steps = run("spared")
     assert spared_steps == [True] * 9 + [False] * 6  # 3 steps an epoch
     after_three, _ = run("three", "--stop-after", "3")
@@ -222,11 +223,7 @@ def test_freeze_first_stops_the_first_block_and_spares_its_backward(
     assert not torch.equal(spared["blocks.1.0.weight"], after_three["blocks.1.0.weight"])
     resumed, resumed_steps = run("resumed", "--resume", str(tmp_path / "three" / "checkpoint.pt"))
     assert resumed_steps == [False] * 6
-    monkeypatch.setattr(cnn.CNNRecipe, "set_train_mode", lambda self, model: model.train())
-    full, full_steps = run("full")
-    assert full_steps == [True] * 15
-    for key in full:
-        assert torch.equal(spared[key], full[key]) and torch.equal(resumed[key], full[key]), key
+    assert_trained_as_without_sparing(cnn, monkeypatch, run, spared, resumed)
 
 
 def test_freeze_first_beyond_the_epochs_is_one_clear_error(cnn, image_folders, tmp_path, capsys):
