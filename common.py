@@ -1425,6 +1425,10 @@ class Recipe:
     def set_train_mode(self, model):
         model.train()
 
+    def after_step(self, model):
+        """After each optimizer step and its learning-rate update: where a rate has just
+        reached 0 mid-epoch, a recipe may stop computing that group's gradients."""
+
     def logits(self, model, inputs, final=False, per_image=False):
         """The logits of model inputs; final: for the last evaluation of a run, --eval-only,
         --predict and export, where a recipe may add test-time augmentation; per_image: for
@@ -1515,6 +1519,7 @@ def train_one_epoch(trainer, signals, progress):
         t.precision.scaler.step(t.optimizer)
         t.precision.scaler.update()
         t.scheduler.step()
+        recipe.after_step(t.model)
         t.global_step += 1
         if t.averager:
             t.averager.step(t.model, t.global_step, t.total_steps)

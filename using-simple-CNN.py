@@ -364,14 +364,17 @@ class CNNRecipe(common.Recipe):
 
     def set_train_mode(self, model):
         model.train()
+        self.after_step(model)  # a resumed run starts with the groups frozen so far
+
+    def after_step(self, model):
         # Once the whitening bias has learned its last step (its learning rate is 0 for the
-        # rest of the run, so each epoch starts with it frozen or not), nothing needs the
-        # gradient of the first layers' output: the backward then skips the whitening layer,
-        # its GELU and the first convolution's input gradient, about 5% of a step, and
-        # trains exactly as before. Once the first block has frozen too (--freeze-first),
-        # the backward ends at the second block's input. Not under torchrun, whose DDP
-        # expects a gradient for every parameter it was built with, nor with --compile,
-        # which would compile again.
+        # rest of the run), nothing needs the gradient of the first layers' output: from the
+        # next step on, the backward skips the whitening layer, its GELU and the first
+        # convolution's input gradient, about 5% of a step, and trains exactly as before.
+        # Once the first block has frozen too (--freeze-first, mid-epoch or not), the
+        # backward ends at the second block's input. Not under torchrun, whose DDP expects
+        # a gradient for every parameter it was built with, nor with --compile, which would
+        # compile again.
         if self.args.compile or common.rank_and_world_size()[1] > 1:
             return
         for group in self.optimizer.param_groups:  # a learning rate is 0 only once frozen

@@ -187,6 +187,7 @@ def assert_trained_as_without_sparing(cnn, monkeypatch, run, *models):
     """Each model equals the one a run computing every gradient trains (for a learning rate
     of 0 where a group is frozen)."""
     monkeypatch.setattr(cnn.CNNRecipe, "set_train_mode", lambda self, model: model.train())
+    monkeypatch.setattr(cnn.CNNRecipe, "after_step", lambda self, model: None)
     full, full_steps = run("full")
     assert full_steps == [True] * 15
     for key in full:
@@ -209,13 +210,13 @@ def test_the_backward_spares_the_whitening_layer_once_its_bias_has_stopped_learn
 
 def test_freeze_first_stops_the_first_block_and_spares_its_backward(
         cnn, image_folders, tmp_path, monkeypatch):
-    """--freeze-first 2 of 5 epochs: the first block learns in epochs 1-3 only, gets no
-    gradient after them, and the run trains exactly as one that still computes it (for a
-    learning rate of 0), straight or resumed in between."""
+    """--freeze-first 2.5 of 5 epochs: the first block learns in the first 7 of 15 steps
+    only, gets no gradient from the next step on (mid-epoch), and the run trains exactly as
+    one that still computes it (for a learning rate of 0), straight or resumed in between."""
     run = watch_gradients(cnn, image_folders, tmp_path, monkeypatch, -1,
-                          "--no-lookahead", "--freeze-first", "2")
+                          "--no-lookahead", "--freeze-first", "2.5")
     spared, spared_steps = run("spared")
-    assert spared_steps == [True] * 9 + [False] * 6  # 3 steps an epoch
+    assert spared_steps == [True] * 7 + [False] * 8  # 3 steps an epoch; round(7.5) is 8
     after_three, _ = run("three", "--stop-after", "3")
     first_block = [k for k in spared if k.startswith("blocks.0.") and "running" not in k
                    and "num_batches" not in k]
