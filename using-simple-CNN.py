@@ -364,9 +364,12 @@ class CNNRecipe(common.Recipe):
 
     def set_train_mode(self, model):
         model.train()
-        self.after_step(model)  # a resumed run starts with the groups frozen so far
+        self.spare_frozen_gradients()  # a resumed run starts with the groups frozen so far
 
     def after_step(self, model):
+        self.spare_frozen_gradients()  # a group may have frozen mid-epoch
+
+    def spare_frozen_gradients(self):
         # Once the whitening bias has learned its last step (its learning rate is 0 for the
         # rest of the run), nothing needs the gradient of the first layers' output: from the
         # next step on, the backward skips the whitening layer, its GELU and the first
